@@ -1,0 +1,227 @@
+"""``StateMachine``: applies committed commands; snapshots and restores its state.
+
+It dispatches each command to the component that owns it (``events.EventLog``,
+``cluster.ClusterRegistry``), keeps effective time and the applied index, and answers
+retried proposals through ``dedupe.RequestDedupe``. See the package docstring for the
+contract; in short, ``apply`` is deterministic and never raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flexcore.statemachine.cluster import ClusterRegistry
+from flexcore.statemachine.codec import (
+    Command,
+    MalformedCommand,
+    decode_batch,
+    pack_plain,
+    unpack_plain,
+)
+from flexcore.statemachine.dedupe import RequestDedupe
+from flexcore.statemachine.events import EventLog
+from flexcore.statemachine.result import (
+    INTERNAL,
+    INVALID,
+    MALFORMED,
+    UNKNOWN_COMMAND,
+    Err,
+    Ok,
+    Result,
+)
+from flexcore.statemachine.validation import Invalid, check_keys
+
+SNAPSHOT_FORMAT = 1
+_SNAPSHOT_KEYS = frozenset({"format", "applied_index", "clock_ms", "events", "nodes",
+                            "dedupe"})
+
+
+class SnapshotError(ValueError):
+    """A snapshot cannot be restored (corrupt, wrong shape or unknown format)."""
+
+
+def _name(value: object) -> str:
+    return value[:64] if isinstance(value, str) else type(value).__name__
+
+
+class StateMachine:
+    """The replicated state of a FlexCore cluster. Not thread-safe: callers serialise
+    ``apply*``/``restore`` and hold the same lock around reads."""
+
+    def __init__(self) -> None:
+        self._applied_index = 0
+        self._clock_ms = 0
+        self._events = EventLog()
+        self._cluster = ClusterRegistry()
+        self._dedupe = RequestDedupe()
+        self._handlers: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+            "noop": self._noop,
+            "event.publish": lambda body: self._events.publish(body, self._clock_ms),
+            "events.set_retention": self._events_set_retention,
+            "cluster.register": lambda body: self._cluster.register(body, self._clock_ms),
+            "cluster.unregister": lambda body: self._cluster.unregister(body),
+        }
+
+    # --- properties ----------------------------------------------------------------
+
+    @property
+    def applied_index(self) -> int:
+        """The largest Raft log index passed to ``apply``/``apply_batch``."""
+        return self._applied_index
+
+    @property
+    def clock_ms(self) -> int:
+        """Effective time: the largest ``ts`` of any applied command (ms since epoch)."""
+        return self._clock_ms
+
+    # --- write side ----------------------------------------------------------------
+
+    def apply(self, cmd: Command, index: int) -> Result:
+        """Apply one committed command carried by the log entry at ``index``.
+
+        Never raises. A command whose ``rid`` was already applied (and is still
+        remembered) returns the first application's result and changes nothing but the
+        applied index and the effective time.
+        """
+        try:
+            return self._apply(cmd, index)
+        except Exception as exc:  # last resort: a raise here would wedge the cluster
+            return Err(INTERNAL, f"applying the command failed: {type(exc).__name__}: "
+                                 f"{str(exc)[:200]}")
+
+    def apply_batch(self, raw: bytes, index: int) -> list[Result]:
+        """Decode a batch (``codec.encode_batch``) and apply each command in order.
+
+        Never raises. An undecodable item gives ``Err("malformed" |
+        "unsupported_version", ...)`` in its place; an undecodable batch gives a single
+        ``Err("malformed", ...)``.
+        """
+        try:
+            self._advance_index(index)
+            try:
+                items = decode_batch(raw)
+            except MalformedCommand as exc:
+                return [Err(exc.code, exc.message)]
+            return [Err(item.code, item.message) if isinstance(item, MalformedCommand)
+                    else self.apply(item, index) for item in items]
+        except Exception as exc:
+            return [Err(INTERNAL, f"applying the batch failed: {type(exc).__name__}")]
+
+    def _advance_index(self, index: int) -> None:
+        if type(index) is int and index > self._applied_index:
+            self._applied_index = index
+
+    def _apply(self, cmd: Command, index: int) -> Result:
+        self._advance_index(index)
+        if not isinstance(cmd, Command):
+            return Err(MALFORMED, f"expected a Command, got {type(cmd).__name__}")
+        if type(cmd.ts) is not int or cmd.ts < 0:
+            return Err(MALFORMED, "command ts must be a non-negative integer")
+        if cmd.rid is not None and not isinstance(cmd.rid, str):
+            return Err(MALFORMED, "command rid must be a string or None")
+        self._clock_ms = max(self._clock_ms, cmd.ts)
+        if cmd.rid is not None:
+            earlier = self._dedupe.get(cmd.rid)
+            if earlier is not None:
+                return earlier
+        result = self._dispatch(cmd)
+        if cmd.rid is not None:
+            self._dedupe.remember(cmd.rid, result)
+        return result
+
+    def _dispatch(self, cmd: Command) -> Result:
+        handler = self._handlers.get(cmd.type) if isinstance(cmd.type, str) else None
+        if handler is None:
+            return Err(UNKNOWN_COMMAND, f"unknown command type {_name(cmd.type)!r}")
+        if not isinstance(cmd.body, dict):
+            return Err(INVALID, f"body must be a map, got {type(cmd.body).__name__}")
+        try:
+            return Ok(handler(cmd.body))
+        except Invalid as exc:
+            return Err(INVALID, str(exc))
+        except Exception as exc:
+            return Err(INTERNAL, f"{cmd.type} failed: {type(exc).__name__}: "
+                                 f"{str(exc)[:200]}")
+
+    def _noop(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        check_keys(body, "body", required=())
+        return {}
+
+    def _events_set_retention(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self._events.set_retention(body)
+
+    # --- read side (pure queries) ---------------------------------------------------
+
+    def read_events(self, after: int, limit: int, type_glob: str | None = None,
+                    max_scan: int = 10_000) -> tuple[list[dict[str, Any]], int]:
+        """Retained events with offset > ``after``, ascending by offset.
+
+        Scans at most ``max_scan`` events from the first offset after ``after`` (or
+        from the oldest retained event when ``after`` points before it), keeps those
+        whose type matches ``type_glob`` (``fnmatch.fnmatchcase``; all when None) and
+        stops after ``limit`` matches. Returns ``(events, next)``: ``next`` is the offset
+        of the last event scanned, so passing it back as ``after`` continues exactly
+        where this read stopped, even when the filter matched nothing in the scanned
+        window. When nothing was scanned, ``next`` is ``max(after, first_offset - 1)``:
+        never behind the retained log (a client that fell behind retention skips the
+        trimmed gap) and never backwards for a client that is ahead of this replica.
+        Events are fresh dicts; mutating them does not change the machine.
+        """
+        return self._events.read(after, limit, type_glob, max_scan)
+
+    def event_stats(self) -> dict[str, int]:
+        """``{"first_offset", "last_offset", "count", "max_events"}`` (0 = unlimited)."""
+        return self._events.stats()
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """Registered nodes: Raft address -> ``{"api": url, "registered_ts": ms}``."""
+        return self._cluster.nodes()
+
+    # --- snapshot ------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """All state as msgpack ``{"format": 1, ...}``; equal states give equal bytes."""
+        return pack_plain({
+            "format": SNAPSHOT_FORMAT,
+            "applied_index": self._applied_index,
+            "clock_ms": self._clock_ms,
+            "events": self._events.to_snapshot(),
+            "nodes": self._cluster.to_snapshot(),
+            "dedupe": self._dedupe.to_snapshot(),
+        })
+
+    def restore(self, data: bytes) -> None:
+        """Replace all state with a ``snapshot()``.
+
+        Raises ``SnapshotError`` for anything that is not a complete, consistent
+        snapshot of a known format; the current state is then left untouched.
+        """
+        try:
+            obj = unpack_plain(bytes(data), max_container_len=2**32 - 1)
+        except Exception as exc:
+            raise SnapshotError(f"snapshot is not valid msgpack ({type(exc).__name__})") \
+                from None
+        if not isinstance(obj, dict):
+            raise SnapshotError("snapshot must be a msgpack map")
+        if obj.get("format") != SNAPSHOT_FORMAT or type(obj.get("format")) is not int:
+            raise SnapshotError(f"unknown snapshot format {_name(obj.get('format'))!r} "
+                                f"(this node reads format {SNAPSHOT_FORMAT})")
+        if set(obj) != _SNAPSHOT_KEYS:
+            raise SnapshotError(f"snapshot must have exactly the keys "
+                                f"{', '.join(sorted(_SNAPSHOT_KEYS))}")
+        applied_index, clock_ms = obj["applied_index"], obj["clock_ms"]
+        if type(applied_index) is not int or type(clock_ms) is not int:
+            raise SnapshotError("snapshot applied_index and clock_ms must be integers")
+        try:
+            events = EventLog.from_snapshot(obj["events"])
+            cluster = ClusterRegistry.from_snapshot(obj["nodes"])
+            dedupe = RequestDedupe.from_snapshot(obj["dedupe"])
+        except Exception as exc:
+            raise SnapshotError(f"snapshot is inconsistent: {exc}") from None
+        # Everything parsed: swap it in (no step below can fail).
+        self._applied_index = applied_index
+        self._clock_ms = clock_ms
+        self._events = events
+        self._cluster = cluster
+        self._dedupe = dedupe
