@@ -1,0 +1,179 @@
+"""PySyncObj corrections in flexcore.raft.syncobj, checked against the stock class.
+
+Raft paper §5.3 / Figure 2, AppendEntries receiver rule 3: "If an existing entry
+conflicts with a new one (same index but different terms), delete the existing entry
+and all that follow it" — and only then.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pysyncobj import SyncObj, SyncObjConf
+
+from flexcore.cluster import free_ports
+from flexcore.raft import wire
+from flexcore.raft.syncobj import FlexSyncObj
+
+NOOP = b"\x01"  # PySyncObj's NO_OP command type byte: applies to nothing
+
+
+def _conf(port: int) -> SyncObjConf:
+    return SyncObjConf(autoTick=False, bindAddress=f"127.0.0.1:{port}")
+
+
+class Follower:
+    """A follower driven by hand: no tick thread, messages injected, replies captured."""
+
+    def __init__(self, obj: SyncObj) -> None:
+        self.obj = obj
+        self.leader = next(iter(obj.otherNodes))
+        self.replies: list[dict[str, Any]] = []
+        transport = obj._SyncObj__transport
+
+        def capture(node: Any, message: Any) -> bool:
+            self.replies.append(message)
+            return True
+
+        transport.send = capture
+
+    def append_entries(self, prev: tuple[int, int], entries: list[tuple[int, int]],
+                       commit: int = 1, term: int = 1) -> None:
+        self.obj._SyncObj__onMessageReceived(self.leader, {
+            "type": "append_entries", "term": term, "commit_index": commit,
+            "prevLogIdx": prev[0], "prevLogTerm": prev[1],
+            "entries": [(NOOP, idx, t) for idx, t in entries],
+        })
+
+    @property
+    def log(self) -> list[tuple[int, int]]:
+        raft_log = self.obj._SyncObj__raftLog
+        return [(raft_log[i][1], raft_log[i][2]) for i in range(len(raft_log))]
+
+    @property
+    def commit_index(self) -> int:
+        return int(self.obj.raftCommitIndex)
+
+
+@pytest.fixture
+def stock() -> Iterator[Follower]:
+    p1, p2 = free_ports(2)
+    obj = SyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], conf=_conf(p1))
+    yield Follower(obj)
+    obj.destroy()
+
+
+@pytest.fixture
+def flex() -> Iterator[Follower]:
+    p1, p2 = free_ports(2)
+    obj = FlexSyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], _conf(p1),
+                      on_apply=lambda blob, index: None)
+    yield Follower(obj)
+    obj.destroy()
+
+
+def test_stock_pysyncobj_truncates_acknowledged_entries(stock: Follower) -> None:
+    """The hole, reproduced: a re-sent AppendEntries deletes entries already acked."""
+    stock.append_entries(prev=(1, 0), entries=[(2, 1), (3, 1), (4, 1)])
+    assert stock.log[-1] == (4, 1)
+    assert stock.replies[-1]["success"] and stock.replies[-1]["next_node_idx"] == 5
+    # The same leader re-sends from index 2 (a stale next_node_idx reset, or a batch
+    # cut by appendEntriesBatchSizeBytes): nothing conflicts, yet...
+    stock.append_entries(prev=(1, 0), entries=[(2, 1)])
+    assert stock.log == [(1, 0), (2, 1)], "stock PySyncObj no longer truncates: " \
+        "re-check whether flexcore.raft.syncobj's override is still needed"
+
+
+def test_flex_keeps_matching_entries(flex: Follower) -> None:
+    flex.append_entries(prev=(1, 0), entries=[(2, 1), (3, 1), (4, 1)])
+    flex.append_entries(prev=(1, 0), entries=[(2, 1)])
+    assert flex.log == [(1, 0), (2, 1), (3, 1), (4, 1)]
+    # It acknowledges exactly what this message verified, no more.
+    assert flex.replies[-1] == {"type": "next_node_idx", "next_node_idx": 3,
+                                "reset": False, "success": True}
+
+
+def test_flex_heartbeat_with_stale_prev_keeps_tail(flex: Follower) -> None:
+    flex.append_entries(prev=(1, 0), entries=[(2, 1), (3, 1)])
+    flex.append_entries(prev=(1, 0), entries=[])
+    assert flex.log[-1] == (3, 1)
+    assert flex.replies[-1]["success"] and flex.replies[-1]["next_node_idx"] == 2
+
+
+def test_flex_commit_index_capped_at_verified_prefix(flex: Follower) -> None:
+    flex.append_entries(prev=(1, 0), entries=[(2, 1), (3, 1), (4, 1)], commit=1)
+    # The leader says 4 is committed, but this message only vouches for index 2.
+    flex.append_entries(prev=(1, 0), entries=[(2, 1)], commit=4)
+    assert flex.commit_index == 2
+    flex.append_entries(prev=(3, 1), entries=[(4, 1)], commit=4)
+    assert flex.commit_index == 4
+
+
+def test_flex_still_truncates_at_a_real_conflict(flex: Follower) -> None:
+    flex.append_entries(prev=(1, 0), entries=[(2, 1), (3, 1), (4, 1)], term=1)
+    # A new leader of term 2 never had 3 and 4 of term 1: they conflict and go.
+    flex.append_entries(prev=(2, 1), entries=[(3, 2)], term=2)
+    assert flex.log == [(1, 0), (2, 1), (3, 2)]
+    assert flex.replies[-1]["success"] and flex.replies[-1]["next_node_idx"] == 4
+
+
+def test_flex_skips_already_held_prefix_and_appends_the_rest(flex: Follower) -> None:
+    flex.append_entries(prev=(1, 0), entries=[(2, 1), (3, 1)])
+    flex.append_entries(prev=(1, 0), entries=[(2, 1), (3, 1), (4, 1), (5, 1)])
+    assert flex.log == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1)]
+    assert flex.replies[-1]["next_node_idx"] == 6
+
+
+def test_flex_rejects_mismatching_prev_like_stock(flex: Follower) -> None:
+    flex.append_entries(prev=(1, 0), entries=[(2, 1)])
+    flex.append_entries(prev=(2, 7), entries=[(3, 7)], term=7)
+    assert flex.log == [(1, 0), (2, 1)]
+    assert flex.replies[-1]["success"] is False and flex.replies[-1]["reset"] is True
+
+
+def test_flex_ignores_lower_term(flex: Follower) -> None:
+    flex.append_entries(prev=(1, 0), entries=[(2, 3)], term=3)
+    n = len(flex.replies)
+    flex.append_entries(prev=(1, 0), entries=[], term=2)
+    assert flex.log == [(1, 0), (2, 3)] and len(flex.replies) == n
+
+
+def test_flex_drops_non_dict_messages(flex: Follower) -> None:
+    flex.obj._SyncObj__onMessageReceived(flex.leader, ["status"])
+    flex.obj._SyncObj__onMessageReceived(flex.leader, "junk")
+    assert flex.log == [(1, 0)]
+
+
+# -- wire ------------------------------------------------------------------------------
+
+class _Boom:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("pwned",))
+
+
+def test_wire_refuses_any_global() -> None:
+    wire.install()
+    for protocol in (2, 5):
+        with pytest.raises(wire.RefusedGlobal):
+            wire.loads(pickle.dumps(_Boom(), protocol))
+    # Protocol 2 writes bytes through _codecs.encode: refused as well, which is why
+    # FlexCore writes protocol 5 everywhere.
+    with pytest.raises(wire.RefusedGlobal):
+        wire.loads(pickle.dumps(b"x", 2))
+
+
+def test_wire_round_trips_plain_values() -> None:
+    value = {"type": "append_entries", "entries": [(b"\x00abc", 2, 1)],
+             "s": {1, 2}, "f": frozenset({"a"}), "n": None, "x": 1.5, "t": True}
+    assert wire.loads(wire.dumps(value)) == value
+
+
+def test_install_patches_pysyncobj_everywhere() -> None:
+    import pysyncobj.journal
+    import pysyncobj.pickle
+    wire.install()
+    assert pysyncobj.pickle.loads is wire.loads and pysyncobj.pickle.dumps is wire.dumps
+    assert pysyncobj.journal.loads is wire.loads and pysyncobj.journal.dumps is wire.dumps
