@@ -1,0 +1,30 @@
+"""FlexCore: a self-coordinating Python cluster.
+
+Nodes form a Raft group (PySyncObj) with no external coordinator and replicate one
+deterministic state machine. Run a node with ``python -m flexcore.node``, a local
+cluster with ``python -m flexcore.cluster up``, or embed one with `FlexNode`.
+
+Names are imported lazily so that ``import flexcore.statemachine`` (pure) or
+``flexcore.api`` does not drag in the Raft stack.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .node import FlexNode
+
+__all__ = ["FlexNode", "Settings"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Settings":
+        from .config import Settings
+        return Settings
+    if name == "FlexNode":
+        from .node import FlexNode
+        return FlexNode
+    raise AttributeError(f"module 'flexcore' has no attribute {name!r}")

@@ -1,0 +1,149 @@
+"""`python -m flexcore.node`: the composition root, and the only place things are wired.
+
+Start order: 1. the state machine; 2. the Raft node (opens the journal, loads the
+snapshot, binds the Raft port); 3. the services; 4. the admin API; 5. background
+tasks (register this node's API address). Shutdown runs in reverse: stop accepting
+HTTP, stop background tasks, then stop Raft (the journal is flushed on close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from aiohttp import web
+
+from .api.app import create_app
+from .config import Settings, SettingsError, check_hostport, load_settings
+from .raft import RaftConfig, RaftNode
+from .service import NodeServices
+from .statemachine import StateMachine
+
+log = logging.getLogger("flexcore.node")
+
+
+class FlexNode:
+    """One running FlexCore node: Raft member + admin API, in this process."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings.validate()
+        # 1. The state machine: pure, fed only by Raft.
+        self.machine = StateMachine()
+        # 2. The Raft node that replicates commands into it.
+        self.raft = RaftNode(
+            RaftConfig(
+                self_addr=settings.self_addr,
+                peers=tuple(settings.peers),
+                data_dir=settings.data_dir,
+                secret=settings.secret,
+                fsync=settings.fsync,
+                election_timeout=settings.election_timeout,
+                propose_timeout=settings.propose_timeout,
+                compaction_min_entries=settings.compaction_min_entries,
+            ),
+            self.machine, clock=clock, on_fatal=self._fatal)
+        # 3. The services the API and library call.
+        self.services = NodeServices(self.raft, self.machine,
+                                     api_url=settings.advertised_api, clock=clock)
+        self.app = create_app(self.services, api_token=settings.api_token,
+                              max_body_bytes=settings.max_body_bytes)
+        self._runner: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.fatal_error: str | None = None
+
+    async def start(self) -> None:
+        await self.raft.start()
+        # 4. The admin API.
+        host, port = check_hostport("--api", self.settings.api)
+        debug = self.settings.log_level == "debug"
+        self._runner = web.AppRunner(self.app, access_log=logging.getLogger("aiohttp.access")
+                                     if debug else None, handle_signals=False)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, host.strip("[]"), port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            await self.raft.stop()
+            raise OSError(f"cannot listen for the API on {self.settings.api}: "
+                          f"{exc.strerror or exc}") from exc
+        # 5. Background tasks.
+        self._tasks.append(asyncio.create_task(self.services.register_self(self._stop)))
+        log.info("node %s up: API %s", self.settings.self_addr, self.settings.advertised_api)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _fatal(self, message: str) -> None:
+        self.fatal_error = message
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.raft.stop()
+        log.info("node %s stopped", self.settings.self_addr)
+
+    async def __aenter__(self) -> FlexNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if level != "debug":
+        logging.getLogger("pysyncobj").setLevel(logging.WARNING)
+
+
+async def serve(settings: Settings) -> int:
+    node = FlexNode(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, node.request_stop)
+    try:
+        await node.start()
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    await node.wait_stopped()
+    log.info("shutting down")
+    await node.stop()
+    if node.fatal_error:
+        log.error("stopped on a fatal error: %s", node.fatal_error)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except SettingsError as exc:
+        print(f"flexcore.node: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
