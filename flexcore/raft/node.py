@@ -54,6 +54,7 @@ from .syncobj import FlexSyncObj
 log = logging.getLogger("flexcore.raft")
 
 SNAPSHOT_FORMAT = 1
+_AE_BATCH_BYTES = 16 << 20
 _SNAPSHOT_LIMIT = 1 << 31
 
 # Failures after which the command certainly or possibly did not commit; a retry is
@@ -157,7 +158,10 @@ class RaftNode:
             password=cfg.secret,
             autoTick=True,
             appendEntriesUseBatch=False,          # low latency; we batch ourselves
-            appendEntriesBatchSizeBytes=4 * cfg.max_batch_bytes,
+            # Larger than any one entry can be (codec caps a command at 4 MiB, a batch
+            # at max_batch_bytes): PySyncObj's chunked 'transmission' path for oversize
+            # entries is never taken.
+            appendEntriesBatchSizeBytes=_AE_BATCH_BYTES,
             raftMinTimeout=t,
             raftMaxTimeout=2 * t,
             appendEntriesPeriod=cfg.heartbeat,

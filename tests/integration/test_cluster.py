@@ -5,6 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import time
 
+import pytest
+
 from flexcore.cluster import LocalCluster, http_json, wait_for
 
 from .conftest import ClusterFactory
@@ -79,8 +81,12 @@ def test_read_your_writes_from_any_node(cluster3: LocalCluster) -> None:
         assert code == 200 and page["events"][0]["id"] == f"ryw-{i}"
 
 
-def test_leader_kill9_under_load_loses_no_acknowledged_write(cluster3: LocalCluster) -> None:
+@pytest.mark.parametrize("mode", ["default", "fsync"])
+def test_leader_kill9_under_load_loses_no_acknowledged_write(make_cluster: ClusterFactory,
+                                                             mode: str) -> None:
+    cluster3 = make_cluster(3, extra_args=["--fsync"] if mode == "fsync" else [])
     killed = cluster3.leader_index()
+    cluster3.wait_ready(timeout=30)
     with Writers(cluster3, n=4) as writers:
         wait_for("100 acknowledged writes", lambda: writers.count() >= 100 or None, 30)
         cluster3.kill(killed)
@@ -92,7 +98,7 @@ def test_leader_kill9_under_load_loses_no_acknowledged_write(cluster3: LocalClus
         wait_for("writes under the new leader", lambda: writers.count() >= before + 100 or None,
                  30)
     history = writers.history
-    print(f"failover to {new_leader} in {failover_s:.2f} s; {history.summary()}")
+    print(f"[{mode}] failover to {new_leader} in {failover_s:.2f} s; {history.summary()}")
     assert new_leader != cluster3.nodes[killed].raft
     logs = [read_all(cluster3.nodes[i].url, min_index=history.max_index) for i in survivors]
     check_logs(logs, history)

@@ -177,3 +177,42 @@ def test_install_patches_pysyncobj_everywhere() -> None:
     wire.install()
     assert pysyncobj.pickle.loads is wire.loads and pysyncobj.pickle.dumps is wire.dumps
     assert pysyncobj.journal.loads is wire.loads and pysyncobj.journal.dumps is wire.dumps
+
+
+# -- fsync mode ------------------------------------------------------------------------
+
+def test_fsync_mode_flushes_before_acknowledging(tmp_path: Any) -> None:
+    p1, p2 = free_ports(2)
+    conf = _conf(p1)
+    conf.journalFile = str(tmp_path / "raft.journal")
+    obj = FlexSyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], conf,
+                      on_apply=lambda blob, index: None, fsync=True)
+    try:
+        follower = Follower(obj)
+        events: list[str] = []
+        raft_log = obj._SyncObj__raftLog
+        real_flush = raft_log.flush
+
+        def flush() -> None:
+            events.append("flush")
+            real_flush()
+
+        raft_log.flush = flush
+        send = obj._SyncObj__transport.send
+
+        def send_after_flush(node: Any, message: Any) -> bool:
+            events.append("reply")
+            return bool(send(node, message))
+
+        obj._SyncObj__transport.send = send_after_flush
+        follower.append_entries(prev=(1, 0), entries=[(2, 1), (3, 1)])
+        assert events == ["flush", "reply"]
+        # Nothing new: the heartbeat's acknowledgement needs no second flush.
+        follower.append_entries(prev=(3, 1), entries=[])
+        assert events == ["flush", "reply", "reply"]
+        assert follower.replies[-1]["success"]
+        # Term and vote metadata goes through the fsyncing storer.
+        storer = raft_log._FileJournal__metaStorer
+        assert type(storer).__name__ == "_DurableMetaStorer"
+    finally:
+        obj.destroy()
