@@ -50,7 +50,9 @@ Read side (``read_events``, ``event_stats``, ``nodes``): pure queries that retur
 copies. The caller holds the same lock as ``apply`` so a read never sees half a command.
 
 Modules: ``codec`` (envelope and batch encoding, decode limits), ``result`` (Ok/Err and
-error codes), ``machine`` (dispatch, snapshot), ``events`` (event log), ``cluster``
+error codes), ``machine`` (dispatch, snapshot, the `COMPONENTS` list), ``component``
+(what a part of the state provides: commands + snapshot section; a new capability is a
+new component), ``events`` (event log), ``cluster``
 (node -> API map), ``dedupe`` (rid -> result memory), ``validation`` (body checks).
 """
 
@@ -66,6 +68,7 @@ from flexcore.statemachine.codec import (
     encode,
     encode_batch,
 )
+from flexcore.statemachine.component import Component, Context, Handler
 from flexcore.statemachine.dedupe import MAX_RIDS as DEDUPE_MAX_RIDS
 from flexcore.statemachine.events import (
     DEFAULT_MAX_EVENTS,
@@ -104,7 +107,10 @@ __all__ = [
     "UNKNOWN_COMMAND",
     "UNSUPPORTED_VERSION",
     "Command",
+    "Component",
+    "Context",
     "Err",
+    "Handler",
     "MalformedCommand",
     "Ok",
     "Result",

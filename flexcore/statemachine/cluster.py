@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from flexcore.statemachine.component import Handler
 from flexcore.statemachine.validation import Invalid, check_keys, require_str
 
 MAX_NODE_LENGTH = 256
@@ -39,6 +40,12 @@ class ClusterRegistry:
     def nodes(self) -> dict[str, dict[str, Any]]:
         return {node: {"api": api, "registered_ts": ts}
                 for node, (api, ts) in self._nodes.items()}
+
+    def commands(self) -> Mapping[str, Handler]:
+        return {
+            "cluster.register": lambda body, ctx: self.register(body, ctx.now_ms),
+            "cluster.unregister": lambda body, ctx: self.unregister(body),
+        }
 
     def register(self, body: Mapping[str, Any], now: int) -> dict[str, Any]:
         """Add a node, or update its API URL (and registration time) if present."""

@@ -23,6 +23,7 @@ from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
 from flexcore.statemachine.codec import pack_plain, unpack_plain
+from flexcore.statemachine.component import Handler
 from flexcore.statemachine.validation import (
     Invalid,
     check_keys,
@@ -142,6 +143,12 @@ class EventLog:
         return found, cursor
 
     # --- commands (validate everything, then mutate) ---------------------------------
+
+    def commands(self) -> Mapping[str, Handler]:
+        return {
+            "event.publish": lambda body, ctx: self.publish(body, ctx.now_ms),
+            "events.set_retention": lambda body, ctx: self.set_retention(body),
+        }
 
     def publish(self, body: Mapping[str, Any], now: int) -> dict[str, Any]:
         prepared = _validate_publish(body)

@@ -1,14 +1,14 @@
 """``StateMachine``: applies committed commands; snapshots and restores its state.
 
-It dispatches each command to the component that owns it (``events.EventLog``,
-``cluster.ClusterRegistry``), keeps effective time and the applied index, and answers
+It dispatches each command to the component that owns it (see `COMPONENTS` and
+``component.Component``), keeps effective time and the applied index, and answers
 retried proposals through ``dedupe.RequestDedupe``. See the package docstring for the
 contract; in short, ``apply`` is deterministic and never raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from flexcore.statemachine.cluster import ClusterRegistry
@@ -19,6 +19,7 @@ from flexcore.statemachine.codec import (
     pack_plain,
     unpack_plain,
 )
+from flexcore.statemachine.component import Component, Context, Handler
 from flexcore.statemachine.dedupe import RequestDedupe
 from flexcore.statemachine.events import EventLog
 from flexcore.statemachine.result import (
@@ -33,8 +34,14 @@ from flexcore.statemachine.result import (
 from flexcore.statemachine.validation import Invalid, check_keys
 
 SNAPSHOT_FORMAT = 1
-_SNAPSHOT_KEYS = frozenset({"format", "applied_index", "clock_ms", "events", "nodes",
-                            "dedupe"})
+
+# The parts of the replicated state, in snapshot order: (snapshot key, component class).
+# A new capability adds one line here.
+COMPONENTS: tuple[tuple[str, type[Component]], ...] = (
+    ("events", EventLog),
+    ("nodes", ClusterRegistry),
+)
+_BASE_KEYS = frozenset({"format", "applied_index", "clock_ms", "dedupe"})
 
 
 class SnapshotError(ValueError):
@@ -52,16 +59,32 @@ class StateMachine:
     def __init__(self) -> None:
         self._applied_index = 0
         self._clock_ms = 0
-        self._events = EventLog()
-        self._cluster = ClusterRegistry()
         self._dedupe = RequestDedupe()
-        self._handlers: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
-            "noop": self._noop,
-            "event.publish": lambda body: self._events.publish(body, self._clock_ms),
-            "events.set_retention": self._events_set_retention,
-            "cluster.register": lambda body: self._cluster.register(body, self._clock_ms),
-            "cluster.unregister": lambda body: self._cluster.unregister(body),
-        }
+        self._install({key: cls() for key, cls in COMPONENTS})
+
+    def _install(self, parts: dict[str, Component]) -> None:
+        self._parts = parts
+        self._handlers: dict[str, Handler] = {"noop": self._noop}
+        for part in parts.values():
+            for type_, handler in part.commands().items():
+                assert type_ not in self._handlers, f"two handlers for {type_}"
+                self._handlers[type_] = handler
+
+    def component(self, key: str) -> Any:
+        """The component stored under ``key`` in `COMPONENTS` (for read-side queries)."""
+        return self._parts[key]
+
+    @property
+    def _events(self) -> EventLog:
+        part = self._parts["events"]
+        assert isinstance(part, EventLog)
+        return part
+
+    @property
+    def _cluster(self) -> ClusterRegistry:
+        part = self._parts["nodes"]
+        assert isinstance(part, ClusterRegistry)
+        return part
 
     # --- properties ----------------------------------------------------------------
 
@@ -125,31 +148,28 @@ class StateMachine:
             earlier = self._dedupe.get(cmd.rid)
             if earlier is not None:
                 return earlier
-        result = self._dispatch(cmd)
+        result = self._dispatch(cmd, Context(now_ms=self._clock_ms, index=index))
         if cmd.rid is not None:
             self._dedupe.remember(cmd.rid, result)
         return result
 
-    def _dispatch(self, cmd: Command) -> Result:
+    def _dispatch(self, cmd: Command, ctx: Context) -> Result:
         handler = self._handlers.get(cmd.type) if isinstance(cmd.type, str) else None
         if handler is None:
             return Err(UNKNOWN_COMMAND, f"unknown command type {_name(cmd.type)!r}")
         if not isinstance(cmd.body, dict):
             return Err(INVALID, f"body must be a map, got {type(cmd.body).__name__}")
         try:
-            return Ok(handler(cmd.body))
+            return Ok(handler(cmd.body, ctx))
         except Invalid as exc:
             return Err(INVALID, str(exc))
         except Exception as exc:
             return Err(INTERNAL, f"{cmd.type} failed: {type(exc).__name__}: "
                                  f"{str(exc)[:200]}")
 
-    def _noop(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def _noop(self, body: Mapping[str, Any], ctx: Context) -> dict[str, Any]:
         check_keys(body, "body", required=())
         return {}
-
-    def _events_set_retention(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self._events.set_retention(body)
 
     # --- read side (pure queries) ---------------------------------------------------
 
@@ -182,14 +202,15 @@ class StateMachine:
 
     def snapshot(self) -> bytes:
         """All state as msgpack ``{"format": 1, ...}``; equal states give equal bytes."""
-        return pack_plain({
+        doc: dict[str, Any] = {
             "format": SNAPSHOT_FORMAT,
             "applied_index": self._applied_index,
             "clock_ms": self._clock_ms,
-            "events": self._events.to_snapshot(),
-            "nodes": self._cluster.to_snapshot(),
             "dedupe": self._dedupe.to_snapshot(),
-        })
+        }
+        for key, _cls in COMPONENTS:
+            doc[key] = self._parts[key].to_snapshot()
+        return pack_plain(doc)
 
     def restore(self, data: bytes) -> None:
         """Replace all state with a ``snapshot()``.
@@ -207,21 +228,23 @@ class StateMachine:
         if obj.get("format") != SNAPSHOT_FORMAT or type(obj.get("format")) is not int:
             raise SnapshotError(f"unknown snapshot format {_name(obj.get('format'))!r} "
                                 f"(this node reads format {SNAPSHOT_FORMAT})")
-        if set(obj) != _SNAPSHOT_KEYS:
-            raise SnapshotError(f"snapshot must have exactly the keys "
-                                f"{', '.join(sorted(_SNAPSHOT_KEYS))}")
+        known = _BASE_KEYS | {key for key, _cls in COMPONENTS}
+        if not set(obj) >= _BASE_KEYS or not set(obj) <= known:
+            raise SnapshotError(f"snapshot keys must be {', '.join(sorted(_BASE_KEYS))} and "
+                                f"component sections among {', '.join(sorted(known))}")
         applied_index, clock_ms = obj["applied_index"], obj["clock_ms"]
         if type(applied_index) is not int or type(clock_ms) is not int:
             raise SnapshotError("snapshot applied_index and clock_ms must be integers")
         try:
-            events = EventLog.from_snapshot(obj["events"])
-            cluster = ClusterRegistry.from_snapshot(obj["nodes"])
+            # A section missing from an older snapshot starts empty.
+            parts: dict[str, Component] = {
+                key: cls.from_snapshot(obj[key]) if key in obj else cls()
+                for key, cls in COMPONENTS}
             dedupe = RequestDedupe.from_snapshot(obj["dedupe"])
         except Exception as exc:
             raise SnapshotError(f"snapshot is inconsistent: {exc}") from None
         # Everything parsed: swap it in (no step below can fail).
         self._applied_index = applied_index
         self._clock_ms = clock_ms
-        self._events = events
-        self._cluster = cluster
+        self._install(parts)
         self._dedupe = dedupe
