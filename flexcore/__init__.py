@@ -2,7 +2,7 @@
 
 Nodes form a Raft group (PySyncObj) with no external coordinator and replicate one
 deterministic state machine. Run a node with ``python -m flexcore.node``, a local
-cluster with ``python -m flexcore.cluster up``, or embed one with `FlexNode`.
+cluster with ``python -m flexcore.cluster up``, or embed one with `FlexCore`.
 
 Names are imported lazily so that ``import flexcore.statemachine`` (pure) or
 ``flexcore.api`` does not drag in the Raft stack.
@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .app import FlexCore
     from .config import Settings
     from .node import FlexNode
 
-__all__ = ["FlexNode", "Settings"]
+__all__ = ["FlexCore", "FlexNode", "Settings"]
 __version__ = "0.1.0"
 
 
@@ -24,6 +25,9 @@ def __getattr__(name: str) -> Any:
     if name == "Settings":
         from .config import Settings
         return Settings
+    if name == "FlexCore":
+        from .app import FlexCore
+        return FlexCore
     if name == "FlexNode":
         from .node import FlexNode
         return FlexNode

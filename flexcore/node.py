@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ class FlexNode:
                 election_timeout=settings.election_timeout,
                 propose_timeout=settings.propose_timeout,
                 compaction_min_entries=settings.compaction_min_entries,
+                max_batch_commands=settings.max_batch,
             ),
             self.machine, clock=clock, on_fatal=self._fatal)
         # 3. The services the API and library call.
@@ -116,25 +116,6 @@ def setup_logging(level: str) -> None:
         logging.getLogger("pysyncobj").setLevel(logging.WARNING)
 
 
-async def serve(settings: Settings) -> int:
-    node = FlexNode(settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, node.request_stop)
-    try:
-        await node.start()
-    except OSError as exc:
-        log.error("%s", exc)
-        return 1
-    await node.wait_stopped()
-    log.info("shutting down")
-    await node.stop()
-    if node.fatal_error:
-        log.error("stopped on a fatal error: %s", node.fatal_error)
-        return 1
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
@@ -142,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flexcore.node: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    return asyncio.run(serve(settings))
+    from .app import FlexCore  # the facade wraps this module: import at use
+    return FlexCore(settings).run()
 
 
 if __name__ == "__main__":

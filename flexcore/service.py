@@ -27,13 +27,18 @@ from .statemachine import Err, Ok, Result, StateMachine
 log = logging.getLogger("flexcore.node")
 
 
+# HTTP status of a state-machine refusal by its code; any other code is a 400.
+ERR_STATUS: dict[str, int] = {"not_found": 404, "conflict": 409}
+
+
 def unwrap(result: Result) -> dict[str, Any]:
-    """The value of an `Ok`; an `Err` becomes a 400 `CommandRejected` with its code."""
+    """The value of an `Ok`; an `Err` becomes `CommandRejected` with its code and the
+    status from `ERR_STATUS` (400 by default)."""
     if isinstance(result, Ok):
         return result.value
     assert isinstance(result, Err)
-    status = 409 if result.code == "conflict" else 400
-    raise CommandRejected(result.message, code=result.code, status=status)
+    raise CommandRejected(result.message, code=result.code,
+                          status=ERR_STATUS.get(result.code, 400))
 
 
 class NodeServices:
