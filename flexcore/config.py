@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class Settings:
     propose_timeout: float = 5.0
     max_body_bytes: int = 1024 * 1024
     compaction_min_entries: int = 5000
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    max_batch: int = 1000
 
     @property
     def advertised_api(self) -> str:
@@ -66,8 +66,13 @@ class Settings:
             raise SettingsError("--api-token must not be empty")
         if self.api_url is not None and not re.match(r"^https?://[^/\s]+", self.api_url):
             raise SettingsError(f"--api-url must be an http(s) URL, not {self.api_url!r}")
+        if not 1024 <= self.max_body_bytes <= 2 * 1024 * 1024:
+            # A command is at most 4 MiB once encoded (codec): keep bodies well below.
+            raise SettingsError("--max-body-bytes must be between 1024 and 2097152")
         if self.compaction_min_entries < 2:
             raise SettingsError("--compaction-min-entries must be at least 2")
+        if not 1 <= self.max_batch <= 10000:
+            raise SettingsError("--max-batch must be between 1 and 10000")
         return self
 
 
@@ -106,6 +111,7 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("propose_timeout", float, "seconds a write may wait to commit before 503"),
     ("max_body_bytes", int, "largest accepted request body"),
     ("compaction_min_entries", int, "log entries between snapshots"),
+    ("max_batch", int, "most commands coalesced into one Raft entry (1 disables group commit)"),
 ]
 
 
