@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -99,8 +99,83 @@ class NodeProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
+class NodeLike(Protocol):
+    index: int
+    raft: str
+    paused: bool
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+
+class ClusterObserver:
+    """Waits on observable cluster state through each node's API (no sleeps-and-hope).
+    Subclasses provide ``nodes``: real processes (`LocalCluster`) or containers."""
+
+    nodes: Sequence[NodeLike]
+
+    def status(self, i: int, timeout: float = 2.0) -> dict[str, Any] | None:
+        node = self.nodes[i]
+        if not node.alive or node.paused:
+            return None
+        try:
+            code, body = http_json("GET", node.url + "/v1/cluster", timeout=timeout)
+        except OSError:
+            return None
+        return body if code == 200 and isinstance(body, dict) else None
+
+    def live(self) -> list[NodeLike]:
+        return [n for n in self.nodes if n.alive and not n.paused]
+
+    def wait_leader(self, timeout: float = 30.0, among: Sequence[int] | None = None) -> str:
+        """Wait until every live node (or those in ``among``) names the same leader and
+        that leader is one of them; return its Raft address."""
+        def probe() -> str | None:
+            idx = list(among) if among is not None else [n.index for n in self.live()]
+            views = [self.status(i) for i in idx]
+            if not views or any(v is None for v in views):
+                return None
+            leaders = {v["leader"] for v in views if v is not None}
+            addrs = {self.nodes[i].raft for i in idx}
+            if len(leaders) == 1:
+                leader = leaders.pop()
+                if leader in addrs:
+                    return str(leader)
+            return None
+        return wait_for("a leader all live nodes agree on", probe, timeout)
+
+    def leader_index(self, timeout: float = 30.0) -> int:
+        leader = self.wait_leader(timeout)
+        return next(n.index for n in self.nodes if n.raft == leader)
+
+    def wait_ready(self, timeout: float = 30.0, among: Sequence[int] | None = None) -> None:
+        def probe() -> bool | None:
+            idx = list(among) if among is not None else [n.index for n in self.live()]
+            for i in idx:
+                code, _ = http_json("GET", self.nodes[i].url + "/ready", timeout=2)
+                if code != 200:
+                    return None
+            return True
+        wait_for("all live nodes ready", probe, timeout)
+
+    def wait_applied(self, index: int, timeout: float = 30.0,
+                     among: Sequence[int] | None = None) -> None:
+        def probe() -> bool | None:
+            idx = list(among) if among is not None else [n.index for n in self.live()]
+            for i in idx:
+                st = self.status(i)
+                if st is None or st["applied_index"] < index:
+                    return None
+            return True
+        wait_for(f"applied index {index} on live nodes", probe, timeout)
+
+
+
 @dataclass
-class LocalCluster:
+class LocalCluster(ClusterObserver):
     """N real ``flexcore.node`` processes on one host."""
 
     size: int
@@ -220,64 +295,6 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- observing -------------------------------------------------------------------
-
-    def status(self, i: int, timeout: float = 2.0) -> dict[str, Any] | None:
-        node = self.nodes[i]
-        if not node.alive or node.paused:
-            return None
-        try:
-            code, body = http_json("GET", node.url + "/v1/cluster", timeout=timeout)
-        except OSError:
-            return None
-        return body if code == 200 and isinstance(body, dict) else None
-
-    def live(self) -> list[NodeProcess]:
-        return [n for n in self.nodes if n.alive and not n.paused]
-
-    def wait_leader(self, timeout: float = 30.0, among: Sequence[int] | None = None) -> str:
-        """Wait until every live node (or those in ``among``) names the same leader and
-        that leader is one of them; return its Raft address."""
-        def probe() -> str | None:
-            idx = list(among) if among is not None else [n.index for n in self.live()]
-            views = [self.status(i) for i in idx]
-            if not views or any(v is None for v in views):
-                return None
-            leaders = {v["leader"] for v in views if v is not None}
-            addrs = {self.nodes[i].raft for i in idx}
-            if len(leaders) == 1:
-                leader = leaders.pop()
-                if leader in addrs:
-                    return str(leader)
-            return None
-        return wait_for("a leader all live nodes agree on", probe, timeout)
-
-    def leader_index(self, timeout: float = 30.0) -> int:
-        leader = self.wait_leader(timeout)
-        return next(n.index for n in self.nodes if n.raft == leader)
-
-    def wait_ready(self, timeout: float = 30.0, among: Sequence[int] | None = None) -> None:
-        def probe() -> bool | None:
-            idx = list(among) if among is not None else [n.index for n in self.live()]
-            for i in idx:
-                code, _ = http_json("GET", self.nodes[i].url + "/ready", timeout=2)
-                if code != 200:
-                    return None
-            return True
-        wait_for("all live nodes ready", probe, timeout)
-
-    def wait_applied(self, index: int, timeout: float = 30.0,
-                     among: Sequence[int] | None = None) -> None:
-        def probe() -> bool | None:
-            idx = list(among) if among is not None else [n.index for n in self.live()]
-            for i in idx:
-                st = self.status(i)
-                if st is None or st["applied_index"] < index:
-                    return None
-            return True
-        wait_for(f"applied index {index} on live nodes", probe, timeout)
-
 
 # -- CLI -------------------------------------------------------------------------------
 

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from flexcore.cluster import LocalCluster, http_json, wait_for
+from tests.support.workload import Writers, check_logs, read_all
 
 from .conftest import ClusterFactory
-from .workload import Writers, check_logs, read_all
 
 
 def test_one_leader_elected(cluster3: LocalCluster) -> None:

@@ -11,9 +11,9 @@ import zlib
 from pathlib import Path
 
 from flexcore.cluster import LocalCluster, http_json, wait_for
+from tests.support.workload import read_all
 
 from .conftest import ClusterFactory
-from .workload import read_all
 
 
 def _frame(obj: object, protocol: int = 2) -> bytes:

@@ -13,11 +13,12 @@ import collections
 import itertools
 import random
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flexcore.cluster import LocalCluster, http_json
+from flexcore.cluster import ClusterObserver, http_json
 
 
 def read_all(url: str, *, consistent: bool = False, min_index: int | None = None,
@@ -41,13 +42,31 @@ def read_all(url: str, *, consistent: bool = False, min_index: int | None = None
         after = body["next"]
 
 
+@dataclass(frozen=True)
+class Op:
+    """One write as the client saw it (monotonic times)."""
+
+    id: str
+    node: int
+    start: float
+    end: float
+    code: int
+
+
 @dataclass
 class History:
     acked: dict[str, int] = field(default_factory=dict)      # id -> offset answered
     unknown: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
+    ops: list[Op] = field(default_factory=list)
     max_index: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def acked_by(self, node: int, after: float, before: float) -> list[Op]:
+        """Writes sent to ``node`` strictly inside (after, before) that got 201."""
+        with self.lock:
+            return [op for op in self.ops if op.node == node and op.code == 201
+                    and op.start > after and op.end < before]
 
     def summary(self) -> str:
         return (f"ok={len(self.acked)} unknown={len(self.unknown)} "
@@ -57,7 +76,7 @@ class History:
 class Writers:
     """``n`` threads publishing events with unique ids to random live nodes."""
 
-    def __init__(self, cluster: LocalCluster, n: int = 4, prefix: str = "w",
+    def __init__(self, cluster: ClusterObserver, n: int = 4, prefix: str = "w",
                  timeout: float = 8.0) -> None:
         self.cluster = cluster
         self.history = History()
@@ -94,6 +113,7 @@ class Writers:
                 continue
             node = rng.choice(live)
             eid = f"{name}-{next(self._seq)}"
+            start = time.monotonic()
             try:
                 code, body = http_json("POST", node.url + "/v1/events",
                                        {"type": "test.write", "id": eid,
@@ -102,6 +122,7 @@ class Writers:
             except OSError:
                 code, body = 0, None
             with h.lock:
+                h.ops.append(Op(eid, node.index, start, time.monotonic(), code))
                 if code == 201:
                     h.acked[eid] = body["offset"]
                     h.max_index = max(h.max_index, body["index"])
