@@ -37,7 +37,7 @@ from typing import Any
 
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObjConf
-from pysyncobj.node import Node
+from pysyncobj.node import Node, TCPNode
 
 from ..errors import (
     BadRequest,
@@ -497,7 +497,7 @@ class RaftNode:
             os.fsync(f.fileno())
         log.info("snapshot written at index %d (%d bytes of state)", last[1], len(state))
 
-    def _read_snapshot(self, filename: str) -> tuple[Any, Any, list[str]]:
+    def _read_snapshot(self, filename: str) -> tuple[Any, Any, list[TCPNode]]:
         try:
             with open(filename, "rb") as f:
                 doc = msgpack.unpackb(f.read(), raw=False, strict_map_key=True,
@@ -510,9 +510,13 @@ class RaftNode:
                 self.machine.restore(doc["state"])
                 self._applied = int(last[1])
             log.info("restored snapshot at index %d", last[1])
+            # Node objects, not strings: PySyncObj drops itself from this list with
+            # `node != selfNode`, which is always true for a str - every node would then
+            # count itself as a peer (4 members in a 3-node cluster) and, with one node
+            # down, never win an election again.
             return ((bytes(last[0]), int(last[1]), int(last[2])),
                     (bytes(prev[0]), int(prev[1]), int(prev[2])),
-                    [str(n) for n in doc["cluster"]])
+                    [TCPNode(str(n)) for n in doc["cluster"]])
         except Exception as exc:
             # PySyncObj would log this and carry on with an empty state machine over a
             # compacted log: a silent divergence. Stop the node instead.

@@ -151,6 +151,15 @@ class FlexSyncObj(SyncObj):  # type: ignore[misc]
         if not isinstance(message, dict) or "type" not in message:
             log.warning("dropped a malformed raft message from %s", node)
             return
+        if message["type"] == "request_vote" and log.isEnabledFor(logging.DEBUG):
+            raft_log = self._SyncObj__raftLog
+            log.debug("vote request from %s: term %s last %s/%s; here term %s voted %s "
+                      "last %s/%s", node, message.get("term"), message.get("last_log_index"),
+                      message.get("last_log_term"), self.raftCurrentTerm,
+                      self._SyncObj__votedForNodeId, raft_log[-1][1], raft_log[-1][2])
+        if message["type"] == "response_vote" and log.isEnabledFor(logging.DEBUG):
+            log.debug("vote response from %s: term %s; here term %s state %s", node,
+                      message.get("term"), self.raftCurrentTerm, self._SyncObj__raftState)
         reply_next: int | None = None
         if (message["type"] == "append_entries" and "prevLogIdx" in message
                 and "transmission" not in message):

@@ -129,6 +129,36 @@ def test_whole_cluster_kill9_and_restart_keeps_every_acked_event(
     logs = [read_all(n.url, consistent=True) for n in cluster.nodes]
     print(history.summary(), "events after restart:", len(logs[0]))
     check_logs(logs, history)
+    # Restored from snapshots, each node still counts exactly the three members.
+    for i in range(3):
+        view = cluster.status(i)
+        assert view is not None
+        assert sorted(m["id"] for m in view["members"]) == sorted(n.raft for n in cluster.nodes)
+
+
+def test_node_restored_from_snapshot_still_elects_with_one_node_frozen(
+        make_cluster: ClusterFactory) -> None:
+    """Regression: a node that loaded a snapshot counted itself as a peer (4 members of
+    3), so once any other node was down no election could reach a majority."""
+    cluster = make_cluster(3, extra_args=["--compaction-min-entries", "50"])
+    cluster.wait_ready(timeout=30)
+    with Writers(cluster, n=3) as writers:
+        wait_for("snapshots on every node", lambda: all(
+            (n.data_dir / "raft.snapshot").exists() for n in cluster.nodes) or None, 60)
+        for i in range(3):          # every node restarts from its snapshot
+            cluster.kill(i)
+            cluster.start_node(i)
+            cluster.wait_ready(timeout=30)
+        leader = cluster.leader_index()
+        cluster.pause(leader)
+        others = [i for i in range(3) if i != leader]
+        t0 = time.monotonic()
+        new_leader = cluster.wait_leader(timeout=20, among=others)
+        print(f"elected {new_leader} {time.monotonic() - t0:.2f} s after freezing the leader")
+        cluster.resume(leader)
+        cluster.wait_ready(timeout=30)
+    logs = [read_all(n.url, consistent=True) for n in cluster.nodes]
+    check_logs(logs, writers.history)
 
 
 def test_no_quorum_write_fails_promptly_with_503(cluster3: LocalCluster) -> None:
