@@ -216,3 +216,23 @@ def test_fsync_mode_flushes_before_acknowledging(tmp_path: Any) -> None:
         assert type(storer).__name__ == "_DurableMetaStorer"
     finally:
         obj.destroy()
+
+
+def test_keepalive_reaches_every_connected_member_once_per_period(flex: Follower) -> None:
+    """Idle links between followers must see traffic, or PySyncObj's send-time
+    inactivity check drops the first vote request of an election."""
+    from flexcore.raft.syncobj import KEEPALIVE
+    obj = flex.obj
+    obj.isNodeConnected = lambda node: True
+    obj._keepalive()
+    assert flex.replies == [KEEPALIVE]
+    obj._keepalive()                       # within the period: nothing more
+    assert flex.replies == [KEEPALIVE]
+    obj._flex_next_keepalive = 0.0         # the period elapsed
+    obj._keepalive()
+    assert flex.replies == [KEEPALIVE, KEEPALIVE]
+    assert obj._flex_keepalive_period < obj.conf.connectionTimeout
+    # The stock message handler ignores it.
+    before = flex.log
+    obj._SyncObj__onMessageReceived(flex.leader, dict(KEEPALIVE))
+    assert flex.log == before
