@@ -46,7 +46,7 @@ def test_only_flexcore_raft_imports_pysyncobj() -> None:
 
 def test_state_machine_is_pure() -> None:
     allowed = {"__future__", "collections", "dataclasses", "typing", "fnmatch", "re",
-               "msgpack", "bisect", "itertools", "math", "enum", "abc", "functools"}
+               "msgpack", "bisect", "heapq", "itertools", "math", "enum", "abc", "functools"}
     for path in (ROOT / "flexcore" / "statemachine").rglob("*.py"):
         extra = {m for m in _imports(path) - allowed
                  if not m.startswith("flexcore.statemachine")}

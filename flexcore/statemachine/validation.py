@@ -15,6 +15,18 @@ from typing import Any
 class Invalid(Exception):
     """A command body failed validation; ``str(exc)`` says which field and why."""
 
+    code = "invalid"
+    """The ``Err`` code the state machine answers with."""
+
+
+class Refused(Invalid):
+    """A valid command the current state refuses, with its own ``Err`` code (e.g.
+    ``lease_expired``, ``not_found``). Raised before any mutation, like ``Invalid``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 def _kind(value: object) -> str:
     return "nil" if value is None else type(value).__name__

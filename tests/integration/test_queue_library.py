@@ -1,0 +1,146 @@
+"""Queues through the library and the HTTP API of one in-process node: `app.queues`,
+``consume()``, ``@app.worker`` (ack on success, nack with backoff on an exception,
+dead letters after max_attempts), long-poll wake-ups, and a prompt stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from flexcore import FlexCore, Settings
+from flexcore.cluster import free_ports
+from flexcore.queues import Message
+
+
+def _app(tmp_path: Path) -> tuple[FlexCore, str]:
+    raft, api = free_ports(2)
+    app = FlexCore(Settings(self_addr=f"127.0.0.1:{raft}", api=f"127.0.0.1:{api}",
+                            data_dir=tmp_path / "d"))
+    return app, f"http://127.0.0.1:{api}"
+
+
+async def _until(what: str, probe: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_worker_acks_retries_with_backoff_and_dead_letters(tmp_path: Path) -> None:
+    app, _ = _app(tmp_path)
+    seen: list[tuple[Any, int]] = []
+    ok: list[Any] = []
+
+    @app.worker("emails", concurrency=3, visibility_s=10, max_attempts=3, backoff_s=0.1)
+    async def send(msg: Message) -> None:
+        seen.append((msg.body["n"], msg.attempt))
+        if msg.body.get("fail_until", 0) >= msg.attempt:
+            raise RuntimeError(f"smtp down (attempt {msg.attempt})")
+        ok.append(msg.body["n"])
+
+    async with app:
+        for n in range(20):
+            await app.queues.enqueue("emails", {"n": n})
+        await app.queues.enqueue("emails", {"n": 100, "fail_until": 1})   # ok on attempt 2
+        await app.queues.enqueue("emails", {"n": 200, "fail_until": 99})  # never ok
+        await _until("all handled", lambda: len(ok) == 21 and
+                     (app.queues.stats("emails") or {}).get("dead") == 1)
+        stats = app.queues.stats("emails")
+        assert stats is not None
+        assert (stats["ready"], stats["leased"], stats["delayed"]) == (0, 0, 0)
+        assert stats["totals"]["acked"] == 21 and stats["options"]["max_deliveries"] == 3
+        assert sorted(ok) == [*range(20), 100]
+        assert [a for n, a in seen if n == 100] == [1, 2]
+        assert [a for n, a in seen if n == 200] == [1, 2, 3]
+        [dead] = app.node.queues.dead("emails")
+        assert dead["body"]["n"] == 200 and "smtp down (attempt 3)" in dead["error"]
+        worker = app.workers[0]
+        assert worker.handled == 21 and worker.failed == 4
+
+
+async def test_consume_long_poll_wakes_on_enqueue_and_delay(tmp_path: Path) -> None:
+    app, _ = _app(tmp_path)
+    async with app:
+        await app.node.services.barrier()   # a leader is elected: timings are the queue's
+        got: list[tuple[Any, float]] = []
+
+        async def consumer() -> None:
+            async for msg in app.queues.consume("jobs", wait_s=20):
+                got.append((msg.body, time.monotonic()))
+                await msg.ack()
+                if len(got) == 2:
+                    return
+
+        task = asyncio.create_task(consumer())
+        await asyncio.sleep(0.3)           # the consumer is parked in a long-poll
+        t0 = time.monotonic()
+        await app.queues.enqueue("jobs", "now")
+        await app.queues.enqueue("jobs", "later", delay_s=1.0)
+        await asyncio.wait_for(task, 10)
+        (b1, t1), (b2, t2) = got
+        assert (b1, b2) == ("now", "later")
+        assert t1 - t0 < 0.5, "woken by the apply path, not a poll interval"
+        assert 0.9 <= t2 - t0 < 2.0, "woken by the delay timer"
+
+
+async def test_http_queue_api_and_prompt_stop(tmp_path: Path) -> None:
+    app, url = _app(tmp_path)
+    await app.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+                async with http.request(method, url + path, json=body) as resp:
+                    return resp.status, await resp.json()
+
+            assert await call("GET", "/v1/queues/q") == (404, {"error": {
+                "code": "not_found", "message": "queue q does not exist"}})
+            code, first = await call("POST", "/v1/queues/q/messages",
+                                     {"body": {"a": 1}, "dedup_id": "x"})
+            assert code == 201 and first["duplicate"] is False
+            code, again = await call("POST", "/v1/queues/q/messages",
+                                     {"body": {"a": 2}, "dedup_id": "x"})
+            assert code == 201 and again["id"] == first["id"] and again["duplicate"]
+            code, out = await call("POST", "/v1/queues/q/lease",
+                                   {"consumer": "c", "visibility_s": 0.3})
+            assert code == 200
+            [m] = out["messages"]
+            assert m["body"] == {"a": 1} and m["attempt"] == 1
+            await asyncio.sleep(max(0.0, m["expires_at"] / 1000 - time.time()) + 0.05)
+            code, out = await call("POST", "/v1/queues/q/lease", {"consumer": "d"})
+            [m2] = out["messages"]
+            assert m2["id"] == m["id"] and m2["attempt"] == 2
+            code, err = await call("POST", "/v1/queues/q/ack", {"lease_id": m["lease_id"]})
+            assert code == 409 and err["error"]["code"] == "lease_expired"
+            assert (await call("POST", "/v1/queues/q/ack", {"lease_id": m2["lease_id"]}))[0] \
+                == 200
+            code, listing = await call("GET", "/v1/queues")
+            assert listing == {"queues": [{"name": "q", "ready": 0, "leased": 0,
+                                           "delayed": 0, "dead": 0}]}
+            code, info = await call("PUT", "/v1/queues/q", {"visibility_s": 5,
+                                                            "max_deliveries": 2})
+            assert code == 200 and info["options"]["visibility_s"] == 5.0
+            for bad, field in (({"body": 1, "priority": 1.5}, "priority"),
+                               ({"body": 1, "delay_s": -1}, "delay_s"),
+                               ({"body": 1, "deliver_at": "tomorrow"}, "deliver_at"),
+                               ({"priority": 1}, "body"), ({"body": 1, "x": 1}, "x")):
+                code, err = await call("POST", "/v1/queues/q/messages", bad)
+                assert code == 400 and field in err["error"]["message"], (bad, err)
+            code, err = await call("POST", "/v1/queues/bad%20name/messages", {"body": 1})
+            assert code == 400 and "queue name" in err["error"]["message"]
+            code, err = await call("POST", "/v1/queues/q/lease", {"consumer": "c",
+                                                                  "wait_s": 21})
+            assert code == 400 and "wait_s" in err["error"]["message"]
+            # A long-poll in flight must not hold the node's shutdown.
+            poll = asyncio.create_task(call("POST", "/v1/queues/empty/lease",
+                                            {"consumer": "c", "wait_s": 20}))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            await app.stop()
+            assert time.monotonic() - t0 < 3.0
+            assert (await poll) == (200, {"messages": []})
+    finally:
+        await app.stop()
