@@ -14,14 +14,20 @@ root in `flexcore.node`) builds the running parts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from .api.protocol import EventIn, EventPage, EventQuery, PublishOutcome
+from .api.schedules import ScheduleInput, parse_schedule, validate_schedule_id
 from .config import Settings
+from .errors import BadRequest, ConsensusError, FlexCoreError
 from .node import FlexNode
+from .queues import QUEUE_NAME, Handler, Queues, Worker
+from .timers import ScheduleService, TimerHandler
 
 log = logging.getLogger("flexcore")
 
@@ -35,12 +41,22 @@ class FlexCore:
         if settings is None:
             settings = Settings(**overrides)
         elif overrides:
-            from dataclasses import replace
             settings = replace(settings, **overrides)
         self.settings = settings.validate()
         self._node: FlexNode | None = None
         self._on_start: list[StartHook] = []
         self._on_stop: list[StartHook] = []
+        # Queues: the client works once the node runs; workers start and stop with it.
+        self.queues = Queues(lambda: self.node.queues)
+        self.workers: list[Worker] = []
+        self.on_start(self._start_workers)
+        self.on_stop(self._stop_workers)
+        # Timers: handlers registered with @app.timer; their schedules are upserted once
+        # the node runs (in the background: committing needs a leader).
+        self._timers: list[tuple[str, ScheduleInput, TimerHandler]] = []
+        self._timer_task: asyncio.Task[None] | None = None
+        self.on_start(self._start_timers)
+        self.on_stop(self._stop_timers)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -68,6 +84,8 @@ class FlexCore:
         if self._node is not None:
             return
         node = FlexNode(self.settings)
+        for schedule_id, _spec, fn in self._timers:
+            node.timers.register_handler(schedule_id, fn)
         await node.start()
         self._node = node
         for hook in self._on_start:
@@ -119,6 +137,119 @@ class FlexCore:
     def run(self) -> int:
         """Blocking: serve until SIGINT/SIGTERM; returns the process exit code."""
         return asyncio.run(self.serve())
+
+    # -- queues ------------------------------------------------------------------------
+
+    def worker(self, queue: str, *, concurrency: int = 1, visibility_s: float | None = None,
+               max_attempts: int | None = None, backoff_s: float = 1.0,
+               max_backoff_s: float = 300.0) -> Callable[[Handler], Handler]:
+        """Decorator: run ``async def handler(message)`` on messages of ``queue`` with
+        ``concurrency`` loops on this node, from start to stop. Success acks the
+        message; an exception nacks it with exponential backoff (see `Worker`). Register
+        before the app starts."""
+        if self.started:
+            raise RuntimeError("register workers before the app starts")
+        if not QUEUE_NAME.fullmatch(queue):
+            raise ValueError(f"invalid queue name {queue!r}")
+        if not 1 <= concurrency <= 1000:
+            raise ValueError("concurrency must be from 1 to 1000")
+
+        def register(handler: Handler) -> Handler:
+            self.workers.append(Worker(queue, handler, concurrency=concurrency,
+                                       visibility_s=visibility_s, max_attempts=max_attempts,
+                                       backoff_s=backoff_s, max_backoff_s=max_backoff_s,
+                                       consumer=f"{self.settings.self_addr}/{queue}"))
+            return handler
+        return register
+
+    async def _start_workers(self, app: FlexCore) -> None:
+        for worker in self.workers:
+            await worker.start(self.queues)
+
+    async def _stop_workers(self, app: FlexCore) -> None:
+        for worker in self.workers:
+            await worker.stop()
+
+    # -- timers ------------------------------------------------------------------------
+
+    @property
+    def schedules(self) -> ScheduleService:
+        """Schedules of the running node: ``put``, ``get``, ``list``, ``trigger``,
+        ``fires``, ... (the same service as ``/v1/schedules``)."""
+        return self.node.schedules
+
+    def timer(self, trigger: str | Mapping[str, Any], *, id: str | None = None,
+              timezone: str | None = None, misfire: str = "run_once",
+              misfire_grace_s: float | None = None, max_run_s: float | None = None,
+              enabled: bool = True) -> Callable[[TimerHandler], TimerHandler]:
+        """Decorator: run ``handler(fire)`` (sync or async) as a cluster-wide timer
+        singleton. ``trigger`` is a cron string (5 fields, or 6 with seconds first;
+        ``timezone`` applies) or a trigger object (``{"interval_s": 10}``,
+        ``{"cron": ..., "timezone": ...}``, ``{"at": ...}``). The schedule (``id``,
+        default the function's name) is created or updated when the app starts, and
+        fires on whichever node leads; every node of the cluster should register the
+        same handlers. Register before the app starts."""
+        if self.started:
+            raise RuntimeError("register timers before the app starts")
+        raw = dict(trigger) if isinstance(trigger, Mapping) else {"cron": trigger}
+        if timezone is not None:
+            raw["timezone"] = timezone
+        body: dict[str, Any] = {"trigger": raw, "action": {"type": "handler", "name": "-"},
+                                "misfire": misfire, "enabled": enabled}
+        if misfire_grace_s is not None:
+            body["misfire_grace_s"] = misfire_grace_s
+        if max_run_s is not None:
+            body["max_run_s"] = max_run_s
+        try:
+            spec = parse_schedule(body)
+        except BadRequest as exc:
+            raise ValueError(exc.message) from None
+
+        def register(handler: TimerHandler) -> TimerHandler:
+            schedule_id = validate_schedule_id(id or str(getattr(handler, "__name__", "")))
+            if any(t[0] == schedule_id for t in self._timers):
+                raise ValueError(f"a timer with id {schedule_id!r} is already registered")
+            action = {"type": "handler", "name": schedule_id}
+            self._timers.append((schedule_id, replace(spec, action=action), handler))
+            return handler
+        return register
+
+    async def _start_timers(self, app: FlexCore) -> None:
+        if self._timers:
+            self._timer_task = asyncio.create_task(self._upsert_timers(),
+                                                   name="flexcore-timers-upsert")
+
+    async def _stop_timers(self, app: FlexCore) -> None:
+        task, self._timer_task = self._timer_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _upsert_timers(self) -> None:
+        """Create or update each @app.timer schedule; retry until a leader commits it."""
+        pending = list(self._timers)
+        delay = 0.2
+        while pending:
+            schedule_id, spec, _fn = pending[0]
+            try:
+                await self.schedules.put(schedule_id, spec)
+                pending.pop(0)
+                continue
+            except ConsensusError as exc:
+                log.debug("timer %s not committed yet: %s", schedule_id, exc.message)
+            except FlexCoreError as exc:
+                log.error("timer %s cannot be scheduled: %s", schedule_id, exc.message)
+                pending.pop(0)
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def timers_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every @app.timer schedule is committed (TimeoutError after)."""
+        task = self._timer_task
+        if task is not None:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
 
     # -- events ------------------------------------------------------------------------
 

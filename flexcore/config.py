@@ -43,6 +43,9 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     compaction_min_entries: int = 5000
     max_batch: int = 1000
+    windmill_url: str | None = None        # Windmill base URL; None: no Windmill
+    windmill_token: str | None = None
+    windmill_workspace: str | None = None
 
     @property
     def advertised_api(self) -> str:
@@ -73,6 +76,16 @@ class Settings:
             raise SettingsError("--compaction-min-entries must be at least 2")
         if not 1 <= self.max_batch <= 10000:
             raise SettingsError("--max-batch must be between 1 and 10000")
+        if self.windmill_url is not None:
+            if not re.match(r"^https?://[^/\s]+", self.windmill_url):
+                raise SettingsError(f"--windmill-url must be an http(s) URL, not "
+                                    f"{self.windmill_url!r}")
+            if not self.windmill_token:
+                raise SettingsError("--windmill-token (or WM_TOKEN) is required with "
+                                    "--windmill-url")
+            if not self.windmill_workspace:
+                raise SettingsError("--windmill-workspace (or WM_WORKSPACE) is required "
+                                    "with --windmill-url")
         return self
 
 
@@ -112,7 +125,14 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("max_body_bytes", int, "largest accepted request body"),
     ("compaction_min_entries", int, "log entries between snapshots"),
     ("max_batch", int, "most commands coalesced into one Raft entry (1 disables group commit)"),
+    ("windmill_url", str, "Windmill base URL (e.g. http://windmill:8000); unset: no workflows"),
+    ("windmill_token", str, "Windmill API token (Bearer)"),
+    ("windmill_workspace", str, "Windmill workspace id"),
 ]
+
+# Second environment names, as Windmill's own `wmill` client reads them; FLEXCORE_* wins.
+_ENV_ALIASES = {"windmill_url": "WM_BASE_URL", "windmill_token": "WM_TOKEN",
+                "windmill_workspace": "WM_WORKSPACE"}
 
 
 def _flag(name: str) -> str:
@@ -135,8 +155,9 @@ def build_parser(prog: str = "python -m flexcore.node") -> argparse.ArgumentPars
             parser.add_argument(_flag(name), dest=name, nargs="?", const="true", default=None,
                                 metavar="BOOL", help=f"{help_text} [env {_env(name)}]")
         else:
+            alias = f" or {_ENV_ALIASES[name]}" if name in _ENV_ALIASES else ""
             parser.add_argument(_flag(name), dest=name, default=None,
-                                help=f"{help_text} [env {_env(name)}]")
+                                help=f"{help_text} [env {_env(name)}{alias}]")
     return parser
 
 
@@ -153,9 +174,13 @@ def load_settings(argv: Sequence[str] | None = None,
     if config_path:
         values.update(_from_toml(Path(config_path)))
     for name, conv, _ in _OPTIONS:
-        raw = env.get(_env(name))
+        where = _env(name)
+        raw = env.get(where)
+        if (raw is None or raw == "") and name in _ENV_ALIASES:
+            where = _ENV_ALIASES[name]
+            raw = env.get(where)
         if raw is not None and raw != "":
-            values[name] = _convert(name, conv, raw, _env(name))
+            values[name] = _convert(name, conv, raw, where)
         flag_value = getattr(args, name)
         if flag_value is not None:
             values[name] = _convert(name, conv, flag_value, _flag(name))

@@ -2,8 +2,9 @@
 
 Start order: 1. the state machine; 2. the Raft node (opens the journal, loads the
 snapshot, binds the Raft port); 3. the services; 4. the admin API; 5. background
-tasks (register this node's API address). Shutdown runs in reverse: stop accepting
-HTTP, stop background tasks, then stop Raft (the journal is flushed on close).
+tasks (register this node's API address; the timer runner, which fires schedules
+while this node leads). Shutdown runs in reverse: stop accepting HTTP, stop background
+tasks and the timer runner, then stop Raft (the journal is flushed on close).
 """
 
 from __future__ import annotations
@@ -18,10 +19,18 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from .api.app import create_app
+from .api.queues import add_queue_routes
+from .api.schedules import add_schedule_routes
+from .api.workflows import add_workflow_routes
 from .config import Settings, SettingsError, check_hostport, load_settings
+from .queues import QueueService
 from .raft import RaftConfig, RaftNode
 from .service import NodeServices
 from .statemachine import StateMachine
+from .timers import ScheduleService, TimerRunner
+from .windmill.client import WindmillClient, WindmillSettings
+from .windmill.runner import WorkflowRunner
+from .windmill.service import WorkflowService
 
 log = logging.getLogger("flexcore.node")
 
@@ -50,8 +59,24 @@ class FlexNode:
         # 3. The services the API and library call.
         self.services = NodeServices(self.raft, self.machine,
                                      api_url=settings.advertised_api, clock=clock)
+        self.queues = QueueService(self.services, clock=clock)
         self.app = create_app(self.services, api_token=settings.api_token,
                               max_body_bytes=settings.max_body_bytes)
+        add_queue_routes(self.app, self.queues)
+        # Timer singletons: the runner fires schedules while this node owns them.
+        self.timers = TimerRunner(self.raft, self.machine, self.services, clock=clock)
+        self.schedules = ScheduleService(self.services, self.timers, clock=clock)
+        add_schedule_routes(self.app, self.schedules)
+        # Windmill workflows: the runner submits, polls and routes while this node leads.
+        wm_client = (WindmillClient(WindmillSettings(
+            settings.windmill_url, settings.windmill_token or "",
+            settings.windmill_workspace or "")) if settings.windmill_url else None)
+        self.workflow_runner = WorkflowRunner(self.raft, self.machine, self.services,
+                                              wm_client)
+        self.workflows = WorkflowService(self.services, configured=wm_client is not None)
+        add_workflow_routes(self.app, self.workflows)
+        if wm_client is not None:
+            self.timers.register_action("workflow", self.workflow_runner.run_for_fire)
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -74,6 +99,8 @@ class FlexNode:
                           f"{exc.strerror or exc}") from exc
         # 5. Background tasks.
         self._tasks.append(asyncio.create_task(self.services.register_self(self._stop)))
+        await self.timers.start()
+        await self.workflow_runner.start()
         log.info("node %s up: API %s", self.settings.self_addr, self.settings.advertised_api)
 
     def request_stop(self) -> None:
@@ -88,6 +115,7 @@ class FlexNode:
 
     async def stop(self) -> None:
         self._stop.set()
+        self.queues.close()   # long-polling leases answer now, not at their wait_s
         if self._runner is not None:
             await self._runner.cleanup()
         for task in self._tasks:
@@ -95,6 +123,8 @@ class FlexNode:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.timers.stop()
+        await self.workflow_runner.stop()
         await self.raft.stop()
         log.info("node %s stopped", self.settings.self_addr)
 
@@ -114,6 +144,7 @@ def setup_logging(level: str) -> None:
     )
     if level != "debug":
         logging.getLogger("pysyncobj").setLevel(logging.WARNING)
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per job run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,13 @@ log = logging.getLogger("flexcore.node")
 
 
 # HTTP status of a state-machine refusal by its code; any other code is a 400.
-ERR_STATUS: dict[str, int] = {"not_found": 404, "conflict": 409}
+ERR_STATUS: dict[str, int] = {"not_found": 404, "conflict": 409, "lease_expired": 409}
+# Timer fencing refusals (flexcore.statemachine.schedules): the state, not the request,
+# is in the way.
+ERR_STATUS.update({"not_owner": 409, "stale_term": 409, "already_claimed": 409,
+                   "not_due": 409, "disabled": 409, "too_many_pending": 409})
+# Workflow refusals (flexcore.statemachine.workflows).
+ERR_STATUS.update({"too_many_runs": 429, "too_many_routes": 409, "cursor_moved": 409})
 
 
 def unwrap(result: Result) -> dict[str, Any]:

@@ -41,6 +41,19 @@ Commands (``type``: body -> ``Ok`` value):
 - ``cluster.register``: ``{"node": "host:port", "api": "http://..."}`` ->
   ``{"node", "api"}``; registering again replaces the API URL.
 - ``cluster.unregister``: ``{"node"}`` -> ``{"removed": bool}``.
+- ``workflow.run.create`` / ``.submitted`` / ``.running`` / ``.finish`` / ``.note`` /
+  ``.cancel`` and ``workflow.route.put`` / ``.delete`` / ``.advance``: Windmill workflow
+  runs (proposer-chosen UUIDs, status only moves forward, outcomes idempotent) and
+  event routing rules with a compare-and-set routing cursor; see ``workflows``.
+- ``queue.enqueue`` / ``queue.lease`` / ``queue.ack`` / ``queue.nack`` /
+  ``queue.configure`` / ``queue.purge`` / ``queue.redrive``: durable queues (see
+  ``queues``). A stale ack/nack is refused with ``lease_expired``; purge/redrive of an
+  unknown queue with ``not_found`` (``validation.Refused`` carries such codes).
+- ``schedule.put`` / ``schedule.delete`` / ``schedule.set_enabled`` /
+  ``schedule.trigger`` / ``schedule.own`` / ``schedule.claim`` / ``schedule.fire_done``:
+  timer schedules, the scheduler owner (node, term) and fenced fire claims (see
+  ``schedules``). Refusals: ``not_found``, ``not_owner``, ``stale_term``,
+  ``already_claimed``, ``not_due``, ``disabled``, ``too_many_pending``.
 
 Wire format (``codec``): a command is the msgpack map ``{"v": 1, "type", "body", "ts",
 "rid"}``; a group-committed log entry is a msgpack array of such maps, fed to
@@ -52,8 +65,10 @@ copies. The caller holds the same lock as ``apply`` so a read never sees half a 
 Modules: ``codec`` (envelope and batch encoding, decode limits), ``result`` (Ok/Err and
 error codes), ``machine`` (dispatch, snapshot, the `COMPONENTS` list), ``component``
 (what a part of the state provides: commands + snapshot section; a new capability is a
-new component), ``events`` (event log), ``cluster``
-(node -> API map), ``dedupe`` (rid -> result memory), ``validation`` (body checks).
+new component), ``events`` (event log), ``queues`` (ready/delayed/leased/dead
+messages), ``schedules`` (timer schedules, ownership, fire claims), ``cluster`` (node
+-> API map), ``workflows`` (workflow runs, routing rules and cursor), ``dedupe`` (rid
+-> result memory), ``validation`` (body checks).
 """
 
 from flexcore.statemachine.codec import (

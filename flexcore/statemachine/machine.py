@@ -22,6 +22,7 @@ from flexcore.statemachine.codec import (
 from flexcore.statemachine.component import Component, Context, Handler
 from flexcore.statemachine.dedupe import RequestDedupe
 from flexcore.statemachine.events import EventLog
+from flexcore.statemachine.queues import QueueStore
 from flexcore.statemachine.result import (
     INTERNAL,
     INVALID,
@@ -31,7 +32,9 @@ from flexcore.statemachine.result import (
     Ok,
     Result,
 )
+from flexcore.statemachine.schedules import Schedules
 from flexcore.statemachine.validation import Invalid, check_keys
+from flexcore.statemachine.workflows import Workflows
 
 SNAPSHOT_FORMAT = 1
 
@@ -40,6 +43,9 @@ SNAPSHOT_FORMAT = 1
 COMPONENTS: tuple[tuple[str, type[Component]], ...] = (
     ("events", EventLog),
     ("nodes", ClusterRegistry),
+    ("queues", QueueStore),
+    ("schedules", Schedules),
+    ("workflows", Workflows),
 )
 _BASE_KEYS = frozenset({"format", "applied_index", "clock_ms", "dedupe"})
 
@@ -161,8 +167,8 @@ class StateMachine:
             return Err(INVALID, f"body must be a map, got {type(cmd.body).__name__}")
         try:
             return Ok(handler(cmd.body, ctx))
-        except Invalid as exc:
-            return Err(INVALID, str(exc))
+        except Invalid as exc:  # Refused carries another code (see validation)
+            return Err(exc.code, str(exc))
         except Exception as exc:
             return Err(INTERNAL, f"{cmd.type} failed: {type(exc).__name__}: "
                                  f"{str(exc)[:200]}")

@@ -35,6 +35,7 @@ from flexcore.cluster import ClusterObserver, http_json, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 RAFT_PORT, API_PORT, LB_PORT = 7100, 8100, 8080
+WINDMILL_PORT, WINDMILL_TOKEN, WINDMILL_WORKSPACE = 8000, "standin-token", "flexcore"
 LABEL = "flexcore.test"
 
 
@@ -135,13 +136,16 @@ class DockerCluster(ClusterObserver):
 
     def __init__(self, size: int = 3, *, client: docker.DockerClient | None = None,
                  image: str | None = None, haproxy: bool = False,
-                 env: dict[str, str] | None = None, name: str | None = None) -> None:
+                 env: dict[str, str] | None = None, name: str | None = None,
+                 windmill: bool = False) -> None:
         self.client = client or docker_client()
         self.image = image or ensure_image(self.client)
         self.size = size
         self.run_id = name or f"fc{os.getpid()}x{random.randrange(16**4):04x}"
         self.env = env or {}
         self.want_haproxy = haproxy
+        self.want_windmill = windmill
+        self.windmill: Container | None = None
         self.network: Network | None = None
         self.subnet_prefix = ""
         self.nodes: list[DockerNode] = []
@@ -155,6 +159,8 @@ class DockerCluster(ClusterObserver):
             self._create_network()
             self.nodes = [DockerNode(i, f"{self.run_id}-node{i + 1}",
                                      f"{self.subnet_prefix}.{11 + i}") for i in range(self.size)]
+            if self.want_windmill:
+                self._create_windmill()
             for node in self.nodes:
                 self._create_node(node)
             if self.want_haproxy:
@@ -232,6 +238,28 @@ class DockerCluster(ClusterObserver):
         self.network.connect(container, ipv4_address=f"{self.subnet_prefix}.5")
         container.start()
         self.haproxy = container
+
+    def _create_windmill(self) -> None:
+        """The Windmill stand-in (flexcore.testing.windmill) in a container of the node
+        image at .6; every node is pointed at it through WM_* variables."""
+        assert self.network is not None
+        container = self.client.containers.create(
+            self.image, name=f"{self.run_id}-windmill", labels={LABEL: self.run_id},
+            entrypoint=["python3", "-m", "flexcore.testing.windmill", "--host", "0.0.0.0",
+                        "--port", str(WINDMILL_PORT), "--token", WINDMILL_TOKEN,
+                        "--workspace", WINDMILL_WORKSPACE],
+            healthcheck={"test": ["NONE"]}, detach=True)
+        self.client.api.disconnect_container_from_network(container.id, "bridge")
+        self.network.connect(container, ipv4_address=f"{self.subnet_prefix}.6",
+                             aliases=["windmill"])
+        container.start()
+        self.windmill = container
+        self.env = {"WM_BASE_URL": self.windmill_url, "WM_TOKEN": WINDMILL_TOKEN,
+                    "WM_WORKSPACE": WINDMILL_WORKSPACE, **self.env}
+
+    @property
+    def windmill_url(self) -> str:
+        return f"http://{self.subnet_prefix}.6:{WINDMILL_PORT}"
 
     @property
     def lb_url(self) -> str:
