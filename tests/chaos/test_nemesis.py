@@ -1,11 +1,19 @@
 """Jepsen-style chaos against a real 3-node docker cluster.
 
-A workload of writers publishes events with unique ids to random live nodes while a
-nemesis injects faults one after another: kill -9 of the leader and of a follower,
-the leader frozen for 5 s, the leader cut from the majority, a 1|2 split, a slow
-network, and the whole cluster killed and restarted. After healing, a checker reads
-every node and asserts the invariants: every acknowledged write present exactly once
-on every node, identical logs, and no write acknowledged by a minority side.
+Three workloads run while a nemesis injects faults one after another (kill -9 of the
+leader and of a follower, the leader frozen for 5 s, the leader cut from the majority,
+a 1|2 split, a slow network, and the whole cluster killed and restarted):
+
+- writers publish events with unique ids to random live nodes;
+- producers enqueue messages (dedup id = client id) and consumers lease and ack them,
+  some deliberately never acked (a consumer crash) so they must be redelivered;
+- a 1 s timer singleton publishes an event per fire.
+
+After healing, checkers read every node and assert: every acknowledged event present
+exactly once on every node and identical logs; no write acknowledged by a minority
+side; the queue lost nothing, kept nothing, acked each message once and redelivered
+only after a lease expired (Jepsen's total-queue check); no fire time claimed or
+published twice, and every claim made by the recorded owner of its term.
 """
 
 from __future__ import annotations
@@ -14,9 +22,11 @@ import os
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 from flexcore.cluster import http_json, wait_for
 from tests.support.docker_cluster import DockerCluster
+from tests.support.queue_workload import VISIBILITY_S, QueueWorkload, check, queue_state
 from tests.support.workload import History, Writers, check_logs, read_all
 
 ROUNDS = int(os.environ.get("FLEXCORE_CHAOS_ROUNDS", "5"))
@@ -153,9 +163,75 @@ def _final_check(cluster: DockerCluster, writers: Writers, nemesis: Nemesis) -> 
     assert len(history.acked) > 0
 
 
-def test_events_survive_a_nemesis_sequence(docker_cluster3: DockerCluster) -> None:
+TICK = "chaos-tick"
+QUEUE = "chaos"
+QUEUE_TOTAL = int(os.environ.get("FLEXCORE_CHAOS_MESSAGES", "1500"))
+
+
+def _start_timer(cluster: DockerCluster) -> None:
+    code, body = http_json("PUT", f"{cluster.nodes[0].url}/v1/schedules/{TICK}",
+                           {"trigger": {"interval_s": 1},
+                            "action": {"type": "event", "event_type": "chaos.tick"},
+                            "misfire": "skip"}, timeout=10)
+    assert code in (200, 201), body
+
+
+def _check_timer(cluster: DockerCluster) -> str:
+    url = cluster.nodes[0].url
+    code, body = http_json("POST", f"{url}/v1/schedules/{TICK}/pause", timeout=10)
+    assert code == 200, body
+
+    def settled() -> list[list[dict[str, Any]]] | None:
+        views = []
+        for n in cluster.nodes:
+            code, b = http_json("GET", f"{n.url}/v1/schedules/{TICK}/fires?consistent=true",
+                                timeout=10)
+            if code != 200:
+                return None
+            views.append(b["fires"])
+        if any(f["status"] == "claimed" for f in views[0]):
+            return None
+        return views if all(v == views[0] for v in views) else None
+    history = wait_for("identical, completed fire histories", settled, 60)[0]
+    times = [f["fire_time_ms"] for f in history]
+    assert len(times) == len(set(times)), "a fire time was claimed twice"
+    code, listing = http_json("GET", f"{url}/v1/schedules?consistent=true", timeout=10)
+    owners = {(o["term"], o["node"]) for o in listing["owner_history"]}
+    strays = [f for f in history if (f["term"], f["node"]) not in owners]
+    assert not strays, f"fires claimed by a node that did not own the scheduler: {strays}"
+    events = [e for e in read_all(url, consistent=True) if e["type"] == "chaos.tick"]
+    fired = [e["payload"]["fire_time_ms"] for e in events]
+    assert len(fired) == len(set(fired)), "a fire event was published twice"
+    # The history keeps the newest fires: compare within its window. An event only
+    # exists for a claimed fire; a fire that ran ok published its event.
+    window = {t for t in fired if times and t >= times[0]}
+    assert window <= set(times), f"fire events without a claim: {sorted(window - set(times))}"
+    ok = {f["fire_time_ms"] for f in history if f["status"] == "ok"}
+    assert ok <= window, f"fires recorded ok without their event: {sorted(ok - window)}"
+    terms = sorted({f["term"] for f in history})
+    return f"{len(fired)} fires, {len(history)} in history over terms {terms}"
+
+
+def _finish_queue(cluster: DockerCluster, queue: QueueWorkload) -> str:
+    def drained() -> bool | None:
+        if not queue.producers_done:
+            return None
+        live = cluster.live()
+        code, body = http_json("GET", f"{live[0].url}/v1/queues/{QUEUE}", timeout=10)
+        done = (code == 200 and body["totals"]["acked"] == QUEUE_TOTAL
+                and (body["ready"], body["leased"], body["delayed"]) == (0, 0, 0))
+        return True if done and queue.history.crashed_settled() else None
+    wait_for("every message acked and every crashed lease re-acked", drained, 180)
+    queue.stop()
+    states = [queue_state(n.url, QUEUE) for n in cluster.nodes]
+    return str(check(queue.history, QUEUE_TOTAL, states, int(VISIBILITY_S * 1000)))
+
+
+def test_workloads_survive_a_nemesis_sequence(docker_cluster3: DockerCluster) -> None:
     cluster = docker_cluster3
-    with Writers(cluster, n=4, timeout=8) as writers:
+    _start_timer(cluster)
+    queue = QueueWorkload(cluster, QUEUE, QUEUE_TOTAL, producers=2, consumers=3)
+    with queue, Writers(cluster, n=3, timeout=8) as writers:
         nemesis = Nemesis(cluster, writers.history)
         plan: list[Callable[[], None]] = [
             nemesis.kill_leader, nemesis.kill_follower, nemesis.pause_leader,
@@ -165,7 +241,11 @@ def test_events_survive_a_nemesis_sequence(docker_cluster3: DockerCluster) -> No
                 fault()
                 # Progress between faults: the workload commits again.
                 _wait_more_writes(writers, 1, "writes after healing")
+        writers.stop()
+        queue_figures = _finish_queue(cluster, queue)
     _final_check(cluster, writers, nemesis)
+    print(f"queue: {queue_figures}")
+    print(f"timer: {_check_timer(cluster)}")
     assert len(cluster.faults.entries) >= 6 * ROUNDS
 
 

@@ -1,6 +1,7 @@
 """End-to-end against a docker cluster (3 nodes + HAProxy), by the Go original's
-categories. Plugins, Windmill and scheduling have their own suites once those land
-(see README: what works today)."""
+categories: cluster health, node discovery, leader election, event distribution, load
+balancing, failover, distributed scheduling, cluster coordination. Windmill is in
+test_windmill_e2e.py; the plugin system is not built yet (README: what works today)."""
 
 from __future__ import annotations
 
@@ -151,3 +152,30 @@ def test_cluster_coordination_any_node_same_answer(docker_cluster3: DockerCluste
     assert code == 200 and page["events"][0]["id"] == "ryw"
     views = [c.status(i) for i in range(3)]
     assert len({(v["leader"], v["term"]) for v in views if v}) == 1
+
+
+def test_distributed_scheduling_survives_leader_kill(docker_cluster3: DockerCluster) -> None:
+    c = docker_cluster3
+    code, body = http_json("PUT", c.lb_url + "/v1/schedules/e2e-beat",
+                           {"trigger": {"interval_s": 1},
+                            "action": {"type": "event", "event_type": "e2e.beat"}})
+    assert code in (200, 201), body
+
+    def beats(url: str) -> list[int]:
+        return [e["payload"]["fire_time_ms"] for e in read_all(url, consistent=True)
+                if e["type"] == "e2e.beat"]
+    wait_for("3 fires", lambda: len(beats(c.lb_url)) >= 3 or None, 30)
+    leader = c.leader_index()
+    c.kill(leader)
+    survivors = [i for i in range(3) if i != leader]
+    c.wait_leader(timeout=30, among=survivors)
+    before = len(beats(c.nodes[survivors[0]].url))
+    wait_for("fires under the new leader",
+             lambda: len(beats(c.nodes[survivors[0]].url)) >= before + 3 or None, 30)
+    code, body = http_json("POST", f"{c.nodes[survivors[0]].url}/v1/schedules/e2e-beat/pause")
+    assert code == 200, body
+    times = beats(c.nodes[survivors[0]].url)
+    assert len(times) == len(set(times)), "a fire was published twice"
+    code, listing = http_json("GET", f"{c.nodes[survivors[0]].url}/v1/schedules?consistent=true")
+    terms = {o["term"] for o in listing["owner_history"]}
+    assert len(terms) >= 2, "the new leader did not take the scheduler over"

@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 
 from flexcore.cluster import LocalCluster, http_json, wait_for
-
-from .queue_workload import VISIBILITY_S, QueueWorkload, check, queue_state
+from tests.support.queue_workload import VISIBILITY_S, QueueWorkload, check, queue_state
 
 TOTAL = 2000
 QUEUE = "orders"

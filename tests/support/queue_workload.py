@@ -1,4 +1,4 @@
-"""Client-side queue workload and checker for the integration (and chaos) tests.
+"""Client-side queue workload and checker for the integration and chaos tests.
 
 Producers enqueue messages with unique client ids, using the client id as ``dedup_id``
 and retrying until the cluster answers 201, so every message ends acknowledged exactly
@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from flexcore.cluster import LocalCluster, http_json
+from flexcore.cluster import ClusterObserver, http_json
 
 VISIBILITY_S = 5.0
 
@@ -64,7 +64,7 @@ class QueueHistory:
 class QueueWorkload:
     """``producers`` threads enqueue ``total`` messages; ``consumers`` threads consume."""
 
-    def __init__(self, cluster: LocalCluster, queue: str, total: int, *, producers: int = 4,
+    def __init__(self, cluster: ClusterObserver, queue: str, total: int, *, producers: int = 4,
                  consumers: int = 4, crash_every: int = 50, batch: int = 10) -> None:
         self.cluster = cluster
         self.queue = queue
@@ -96,11 +96,11 @@ class QueueWorkload:
         return not any(t.is_alive() for t in self._producers)
 
     def _node_url(self, preferred: int) -> str | None:
+        live = self.cluster.live()
         nodes = self.cluster.nodes
         node = nodes[preferred % len(nodes)]
-        if node.alive and not node.paused:
+        if node in live:
             return node.url
-        live = self.cluster.live()
         return live[preferred % len(live)].url if live else None
 
     def _post(self, preferred: int, path: str, body: Any,
