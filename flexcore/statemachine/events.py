@@ -18,7 +18,8 @@ was trimmed appends it again under a new offset.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import zlib
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
@@ -40,6 +41,14 @@ MAX_EVENT_KEY_LENGTH = 1024
 MAX_EVENT_ID_LENGTH = 256
 _MAX_RETENTION = 2**63 - 1
 _COMPACT_MIN_HEAD = 1024
+
+
+def event_partition(key: str | None, event_id: str, partitions: int) -> int:
+    """The consumer-group partition of an event: CRC-32 of its key (of its id when it
+    has no key) modulo ``partitions``. Every node computes the same; events of one key
+    share a partition, so per-key order is the log's order."""
+    return zlib.crc32((event_id if key is None else key).encode("utf-8", "surrogatepass")) \
+        % partitions
 
 
 class StoredEvent(NamedTuple):
@@ -123,8 +132,11 @@ class EventLog:
                 "count": self.count, "max_events": self._max_events}
 
     def read(self, after: int, limit: int, type_glob: str | None,
-             max_scan: int) -> tuple[list[dict[str, Any]], int]:
-        """Events with offset > ``after``, ascending; see ``StateMachine.read_events``."""
+             max_scan: int, partition: tuple[int, int] | None = None,
+             ) -> tuple[list[dict[str, Any]], int]:
+        """Events with offset > ``after``, ascending; see ``StateMachine.read_events``.
+        ``partition`` = ``(count, number)`` keeps only events of that partition
+        (`event_partition`); payloads of the others are not decoded."""
         first = self.first_offset
         cursor = max(after, first - 1)
         if limit <= 0 or max_scan <= 0:
@@ -136,11 +148,32 @@ class EventLog:
         for offset in range(start, stop + 1):
             event = self._events[base + offset]
             cursor = offset
+            if partition is not None and event_partition(
+                    event.key, event.id, partition[0]) != partition[1]:
+                continue
             if type_glob is None or fnmatchcase(event.type, type_glob):
                 found.append(event.to_dict())
                 if len(found) >= limit:
                     break
         return found, cursor
+
+    def backlog(self, committed: Sequence[int], max_scan: int) -> tuple[list[int], bool]:
+        """Per partition ``p`` (``len(committed)`` of them), how many retained events of
+        ``p`` have an offset above ``committed[p]``; scans at most ``max_scan`` events
+        from the lowest committed offset. Returns ``(counts, exact)``; ``exact`` is
+        False when the scan stopped early (the counts are then lower bounds)."""
+        counts = [0] * len(committed)
+        if not committed:
+            return counts, True
+        start = max(min(committed) + 1, self.first_offset)
+        stop = min(self.last_offset, start + max_scan - 1)
+        base = self._head - self.first_offset
+        for offset in range(start, stop + 1):
+            event = self._events[base + offset]
+            p = event_partition(event.key, event.id, len(committed))
+            if offset > committed[p]:
+                counts[p] += 1
+        return counts, stop >= self.last_offset
 
     # --- commands (validate everything, then mutate) ---------------------------------
 
