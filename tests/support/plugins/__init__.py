@@ -1,0 +1,1 @@
+"""Plugins used by the tests (copied into a --plugins-dir)."""

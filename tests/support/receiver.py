@@ -1,0 +1,95 @@
+"""A batch receiver for pipeline tests: an aiohttp app in a background thread that
+records every POSTed batch and deduplicates by ``Idempotency-Key``, as a receiver of
+at-least-once batches should."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Delivery:
+    key: str
+    rows: list[dict[str, Any]]
+    duplicate: bool
+    meta: dict[str, Any] | None
+
+
+@dataclass
+class BatchReceiver:
+    host: str = "127.0.0.1"
+    port: int = 0
+    latency: float = 0.0                    # seconds per request (to keep a run busy)
+    fail_first: int = 0                     # answer 503 to this many first requests
+    deliveries: list[Delivery] = field(default_factory=list)
+    accepted: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stop: asyncio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/batches"
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        key = request.headers.get("Idempotency-Key")
+        if not key:
+            return web.json_response({"error": "Idempotency-Key required"}, status=400)
+        body = await request.json()
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        with self._lock:
+            if self.fail_first > 0:
+                self.fail_first -= 1
+                return web.json_response({"error": "try later"}, status=503)
+            duplicate = key in self.accepted
+            self.deliveries.append(Delivery(key, body["rows"], duplicate, body.get("meta")))
+            if not duplicate:
+                self.accepted[key] = body["rows"]
+        return web.json_response({"key": key, "duplicate": duplicate})
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every accepted (deduplicated) row."""
+        with self._lock:
+            return [row for rows in self.accepted.values() for row in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.deliveries)
+
+    def start(self) -> BatchReceiver:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()),
+                                        name="batch-receiver", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the batch receiver did not start")
+        return self
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/batches", self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+            self.port = runner.addresses[0][1]
+            self._ready.set()
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
