@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .app import FlexCore
     from .config import Settings
+    from .di import Clock, FakeClock
+    from .events import Event, Retry
     from .node import FlexNode
 
-__all__ = ["FlexCore", "FlexNode", "Settings"]
+__all__ = ["Clock", "Event", "FakeClock", "FlexCore", "FlexNode", "Retry", "Settings"]
 __version__ = "0.1.0"
 
 
@@ -31,4 +33,10 @@ def __getattr__(name: str) -> Any:
     if name == "FlexNode":
         from .node import FlexNode
         return FlexNode
+    if name in ("Event", "Retry"):
+        from . import events
+        return getattr(events, name)
+    if name in ("Clock", "FakeClock"):
+        from . import di
+        return getattr(di, name)
     raise AttributeError(f"module 'flexcore' has no attribute {name!r}")

@@ -9,6 +9,14 @@
 ``FlexCore(settings_from_flags).run()``. Feature modules (queues, timers, handlers)
 register what they need on this object before it starts; `FlexNode` (the composition
 root in `flexcore.node`) builds the running parts.
+
+Event handlers (``@app.on_event``) run in consumer groups (`flexcore.groups`): a group's
+handlers see each event at least once across the cluster, per key in order, with
+retries and dead letters; ``group=None`` runs a handler on every node. Handlers get
+their parameters injected (`flexcore.di`): ``event``, ``app``, ``attempt``, ``queues``,
+``clock`` by name, or any component by type annotation — built-in ones, those passed
+as ``FlexCore(settings, components={Type: instance})`` overrides, and the caller's own
+registered with ``app.provide(Type, instance)``.
 """
 
 from __future__ import annotations
@@ -17,32 +25,46 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
 from .api.protocol import EventIn, EventPage, EventQuery, PublishOutcome
 from .api.schedules import ScheduleInput, parse_schedule, validate_schedule_id
 from .config import Settings
+from .di import Clock, plan
 from .errors import BadRequest, ConsensusError, FlexCoreError
+from .events import Retry, Subscription, Transform, Where
+from .groups import GroupConsumer, GroupService
 from .node import FlexNode
 from .queues import QUEUE_NAME, Handler, Queues, Worker
+from .statemachine.groups import GROUP_NAME
 from .timers import ScheduleService, TimerHandler
 
 log = logging.getLogger("flexcore")
 
 StartHook = Callable[["FlexCore"], Awaitable[None]]
+EventHandler = Callable[..., Any]
+T = TypeVar("T")
+H = TypeVar("H", bound=EventHandler)
 
 
 class FlexCore:
     """One FlexCore node inside this process, with the library API on top."""
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(self, settings: Settings | None = None, *,
+                 components: Mapping[type[Any], object] | None = None,
+                 **overrides: Any) -> None:
+        """``overrides`` are `Settings` fields; ``components`` replaces built-in
+        components by type (`flexcore.di`: ``{Clock: FakeClock()}``)."""
         if settings is None:
             settings = Settings(**overrides)
         elif overrides:
             settings = replace(settings, **overrides)
         self.settings = settings.validate()
+        self._overrides: dict[type[Any], object] = dict(components or {})
+        self._provided: dict[type[Any], object] = {}
         self._node: FlexNode | None = None
         self._on_start: list[StartHook] = []
         self._on_stop: list[StartHook] = []
@@ -57,6 +79,11 @@ class FlexCore:
         self._timer_task: asyncio.Task[None] | None = None
         self.on_start(self._start_timers)
         self.on_stop(self._stop_timers)
+        # Event handlers: consumer groups and broadcast subscriptions.
+        self.subscriptions: list[Subscription] = []
+        self.consumer: GroupConsumer | None = None
+        self.on_start(self._start_consumer)
+        self.on_stop(self._stop_consumer)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -83,7 +110,16 @@ class FlexCore:
     async def start(self) -> None:
         if self._node is not None:
             return
-        node = FlexNode(self.settings)
+        node = FlexNode(self.settings, components=self._overrides)
+        node.components.set(FlexCore, self)
+        for kind, value in self._provided.items():
+            node.components.set(kind, value)
+        if self.subscriptions:   # checks every handler's parameters before starting
+            self.consumer = GroupConsumer(
+                node.groups, node.feed, node.components, self.settings.self_addr,
+                self.subscriptions, session_s=self.settings.group_session,
+                named={"app": self, "queues": self.queues,
+                       "clock": node.components.get(Clock)})
         for schedule_id, _spec, fn in self._timers:
             node.timers.register_handler(schedule_id, fn)
         await node.start()
@@ -137,6 +173,18 @@ class FlexCore:
     def run(self) -> int:
         """Blocking: serve until SIGINT/SIGTERM; returns the process exit code."""
         return asyncio.run(self.serve())
+
+    # -- components ---------------------------------------------------------------------
+
+    def provide(self, kind: type[T], value: T) -> T:
+        """Register ``value`` as the ``kind`` component: handlers that annotate a
+        parameter with ``kind`` receive it."""
+        if not isinstance(value, kind):
+            raise TypeError(f"{type(value).__name__} is not a {kind.__name__}")
+        self._provided[kind] = value
+        if self._node is not None:
+            self._node.components.set(kind, value)
+        return value
 
     # -- queues ------------------------------------------------------------------------
 
@@ -265,3 +313,60 @@ class FlexCore:
                           consistent: bool = False) -> EventPage:
         return await self.node.services.read_events(
             EventQuery(after=after, type=type, limit=limit, consistent=consistent))
+
+    # -- event handlers ------------------------------------------------------------------
+
+    @property
+    def groups(self) -> GroupService:
+        """Consumer groups of the running node: ``list_groups``, ``info``, ``dead``,
+        ``redrive`` (the same service as ``/v1/groups``)."""
+        return self.node.groups
+
+    def on_event(self, type: str = "*", *, group: str | None = None,
+                 where: Where | None = None, since: datetime | float | None = None,
+                 until: datetime | float | None = None,
+                 transform: Transform | Sequence[Transform] = (),
+                 retry: Retry | None = None, name: str | None = None,
+                 ) -> Callable[[H], H]:
+        """Decorator: call the handler (async or plain; plain ones run in a worker
+        thread) for every event whose type matches the glob ``type``.
+
+        ``group``: a consumer group — across the cluster each event is handled by one
+        node, at least once, in order per key; the group's offsets, assignment and dead
+        letters are replicated state. ``None``: a broadcast subscription — every node
+        handles every event. ``where``: a JMESPath expression over the event
+        (``"payload.total > `100`"``) or a callable ``(Event) -> bool``; ``since`` /
+        ``until``: a time window over the event's ``ts`` (datetime or Unix seconds);
+        ``transform``: a JMESPath projection or callable, or a list of them, applied
+        in order before the handler (see `flexcore.events`). ``retry``: attempts and
+        backoff before the event goes to the group's dead letters (default
+        ``Retry()``: 3 attempts). ``name``: the handler's name (default: the
+        function's), unique per group. Register before the app starts; every node of a
+        group should register the same handlers."""
+        if self.started:
+            raise RuntimeError("register event handlers before the app starts")
+        if group is not None and not GROUP_NAME.fullmatch(group):
+            raise ValueError(f"invalid group name {group!r}: 1-128 characters of "
+                             "A-Z a-z 0-9 . _ : @ - starting with a letter or digit")
+        steps = [transform] if isinstance(transform, str) or callable(transform) \
+            else list(transform)
+
+        def register(handler: H) -> H:
+            sub_name = name or str(getattr(handler, "__name__", "handler"))
+            if any(s.name == sub_name and s.group == group for s in self.subscriptions):
+                raise ValueError(f"a handler named {sub_name!r} is already registered "
+                                 f"for group {group!r}")
+            self.subscriptions.append(Subscription(
+                sub_name, type, group, plan(handler), retry or Retry(), where, since,
+                until, steps))
+            return handler
+        return register
+
+    async def _start_consumer(self, app: FlexCore) -> None:
+        if self.consumer is not None:
+            await self.consumer.start()
+
+    async def _stop_consumer(self, app: FlexCore) -> None:
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            await consumer.stop(leave=True)

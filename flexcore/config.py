@@ -46,6 +46,8 @@ class Settings:
     windmill_url: str | None = None        # Windmill base URL; None: no Windmill
     windmill_token: str | None = None
     windmill_workspace: str | None = None
+    group_session: float = 10.0            # consumer-group session timeout (s)
+    plugins_dir: Path | None = None        # extra plugins (besides entry points)
 
     @property
     def advertised_api(self) -> str:
@@ -76,6 +78,10 @@ class Settings:
             raise SettingsError("--compaction-min-entries must be at least 2")
         if not 1 <= self.max_batch <= 10000:
             raise SettingsError("--max-batch must be between 1 and 10000")
+        if self.plugins_dir is not None and not Path(self.plugins_dir).is_dir():
+            raise SettingsError(f"--plugins-dir {str(self.plugins_dir)!r} is not a directory")
+        if not 0.3 <= self.group_session <= 600:
+            raise SettingsError("--group-session must be between 0.3 and 600 seconds")
         if self.windmill_url is not None:
             if not re.match(r"^https?://[^/\s]+", self.windmill_url):
                 raise SettingsError(f"--windmill-url must be an http(s) URL, not "
@@ -128,6 +134,10 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("windmill_url", str, "Windmill base URL (e.g. http://windmill:8000); unset: no workflows"),
     ("windmill_token", str, "Windmill API token (Bearer)"),
     ("windmill_workspace", str, "Windmill workspace id"),
+    ("plugins_dir", Path, "folder of extra plugins: executables or .py files speaking the "
+                          "FlexCore plugin protocol (see README, Plugins and pipelines)"),
+    ("group_session", float, "consumer-group session timeout in seconds: a member silent "
+                             "this long loses its partitions (it heartbeats 3 times per)"),
 ]
 
 # Second environment names, as Windmill's own `wmill` client reads them; FLEXCORE_* wins.

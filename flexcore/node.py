@@ -3,8 +3,14 @@
 Start order: 1. the state machine; 2. the Raft node (opens the journal, loads the
 snapshot, binds the Raft port); 3. the services; 4. the admin API; 5. background
 tasks (register this node's API address; the timer runner, which fires schedules
-while this node leads). Shutdown runs in reverse: stop accepting HTTP, stop background
-tasks and the timer runner, then stop Raft (the journal is flushed on close).
+while this node leads). Shutdown runs in reverse: end long-polls and event streams,
+stop accepting HTTP, stop background tasks and the timer runner, then stop Raft (the
+journal is flushed on close).
+
+Components (`flexcore.di`): the clock, the state machine and the Windmill client are
+built through ``components.provide(Type, factory)``, so a caller's override replaces
+them; everything built here is registered too, so handlers can ask for any of them
+by type (``RaftNode``, ``NodeServices``, ``QueueService``, ``GroupService``, ...).
 """
 
 from __future__ import annotations
@@ -13,16 +19,25 @@ import asyncio
 import contextlib
 import logging
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from aiohttp import web
 
 from .api.app import create_app
+from .api.groups import add_group_routes
+from .api.pipelines import add_pipeline_routes
 from .api.queues import add_queue_routes
 from .api.schedules import add_schedule_routes
+from .api.stream import add_stream_routes
 from .api.workflows import add_workflow_routes
 from .config import Settings, SettingsError, check_hostport, load_settings
+from .di import Clock, Components
+from .events import EventFeed
+from .groups import GroupService
+from .plugins.host import PluginHost
+from .plugins.runner import PipelineRunner
+from .plugins.service import PipelineService
 from .queues import QueueService
 from .raft import RaftConfig, RaftNode
 from .service import NodeServices
@@ -38,10 +53,14 @@ log = logging.getLogger("flexcore.node")
 class FlexNode:
     """One running FlexCore node: Raft member + admin API, in this process."""
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] | None = None,
+                 components: Mapping[type[Any], object] | None = None) -> None:
         self.settings = settings.validate()
+        self.components = c = Components(components)
+        if clock is None:
+            clock = c.provide(Clock, Clock)
         # 1. The state machine: pure, fed only by Raft.
-        self.machine = StateMachine()
+        self.machine = c.provide(StateMachine, StateMachine)
         # 2. The Raft node that replicates commands into it.
         self.raft = RaftNode(
             RaftConfig(
@@ -63,20 +82,40 @@ class FlexNode:
         self.app = create_app(self.services, api_token=settings.api_token,
                               max_body_bytes=settings.max_body_bytes)
         add_queue_routes(self.app, self.queues)
+        # Consumer groups and the live event tail (SSE), both fed by the apply path.
+        self.feed = EventFeed(self.raft, self.machine)
+        self.groups = GroupService(self.services)
+        add_group_routes(self.app, self.groups)
+        add_stream_routes(self.app, self.feed)
         # Timer singletons: the runner fires schedules while this node owns them.
         self.timers = TimerRunner(self.raft, self.machine, self.services, clock=clock)
         self.schedules = ScheduleService(self.services, self.timers, clock=clock)
         add_schedule_routes(self.app, self.schedules)
         # Windmill workflows: the runner submits, polls and routes while this node leads.
-        wm_client = (WindmillClient(WindmillSettings(
-            settings.windmill_url, settings.windmill_token or "",
-            settings.windmill_workspace or "")) if settings.windmill_url else None)
+        wm_client = (c.provide(WindmillClient, lambda: WindmillClient(WindmillSettings(
+            settings.windmill_url or "", settings.windmill_token or "",
+            settings.windmill_workspace or "")))
+            if settings.windmill_url or c.overridden(WindmillClient) else None)
         self.workflow_runner = WorkflowRunner(self.raft, self.machine, self.services,
                                               wm_client)
         self.workflows = WorkflowService(self.services, configured=wm_client is not None)
         add_workflow_routes(self.app, self.workflows)
         if wm_client is not None:
             self.timers.register_action("workflow", self.workflow_runner.run_for_fire)
+        # Plugins and ETL pipelines: the runner executes runs batch by batch while leading.
+        self.plugins = PluginHost(settings.plugins_dir)
+        self.pipeline_runner = PipelineRunner(self.raft, self.machine, self.services,
+                                              self.plugins)
+        self.pipelines = PipelineService(self.services, self.plugins)
+        add_pipeline_routes(self.app, self.pipelines)
+        self.timers.register_action("pipeline", self.pipeline_runner.run_for_fire)
+        for kind, value in ((RaftNode, self.raft), (NodeServices, self.services),
+                            (QueueService, self.queues), (GroupService, self.groups),
+                            (EventFeed, self.feed), (TimerRunner, self.timers),
+                            (ScheduleService, self.schedules),
+                            (WorkflowService, self.workflows), (PluginHost, self.plugins),
+                            (PipelineService, self.pipelines)):
+            c.set(kind, value)
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,6 +140,7 @@ class FlexNode:
         self._tasks.append(asyncio.create_task(self.services.register_self(self._stop)))
         await self.timers.start()
         await self.workflow_runner.start()
+        await self.pipeline_runner.start()
         log.info("node %s up: API %s", self.settings.self_addr, self.settings.advertised_api)
 
     def request_stop(self) -> None:
@@ -116,6 +156,7 @@ class FlexNode:
     async def stop(self) -> None:
         self._stop.set()
         self.queues.close()   # long-polling leases answer now, not at their wait_s
+        self.feed.close()     # event streams (SSE) end now
         if self._runner is not None:
             await self._runner.cleanup()
         for task in self._tasks:
@@ -125,6 +166,7 @@ class FlexNode:
                 await task
         await self.timers.stop()
         await self.workflow_runner.stop()
+        await self.pipeline_runner.stop()   # also shuts the plugin processes down
         await self.raft.stop()
         log.info("node %s stopped", self.settings.self_addr)
 

@@ -35,6 +35,10 @@ ERR_STATUS.update({"not_owner": 409, "stale_term": 409, "already_claimed": 409,
                    "not_due": 409, "disabled": 409, "too_many_pending": 409})
 # Workflow refusals (flexcore.statemachine.workflows).
 ERR_STATUS.update({"too_many_runs": 429, "too_many_routes": 409, "cursor_moved": 409})
+# Consumer-group fencing (flexcore.statemachine.groups): the partition moved.
+ERR_STATUS.update({"stale_epoch": 409})
+# Pipeline refusals (flexcore.statemachine.pipelines).
+ERR_STATUS.update({"run_active": 409, "checkpoint_gap": 409, "too_many_pipelines": 409})
 
 
 def unwrap(result: Result) -> dict[str, Any]:

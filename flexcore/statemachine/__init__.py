@@ -45,6 +45,10 @@ Commands (``type``: body -> ``Ok`` value):
   ``.cancel`` and ``workflow.route.put`` / ``.delete`` / ``.advance``: Windmill workflow
   runs (proposer-chosen UUIDs, status only moves forward, outcomes idempotent) and
   event routing rules with a compare-and-set routing cursor; see ``workflows``.
+- ``pipeline.put`` / ``pipeline.delete`` / ``pipeline.run.create`` / ``.start`` /
+  ``.finish`` / ``.note`` and ``pipeline.checkpoint``: ETL pipeline definitions, runs
+  (one active per pipeline: ``run_active``) and the per-pipeline checkpoint, moved one
+  batch at a time by compare-and-set on its seq (``checkpoint_gap``); see ``pipelines``.
 - ``queue.enqueue`` / ``queue.lease`` / ``queue.ack`` / ``queue.nack`` /
   ``queue.configure`` / ``queue.purge`` / ``queue.redrive``: durable queues (see
   ``queues``). A stale ack/nack is refused with ``lease_expired``; purge/redrive of an
@@ -54,6 +58,11 @@ Commands (``type``: body -> ``Ok`` value):
   timer schedules, the scheduler owner (node, term) and fenced fire claims (see
   ``schedules``). Refusals: ``not_found``, ``not_owner``, ``stale_term``,
   ``already_claimed``, ``not_due``, ``disabled``, ``too_many_pending``.
+- ``group.join`` / ``group.leave`` / ``group.release`` / ``group.commit`` /
+  ``group.redrive``: consumer groups — members and heartbeats (lazy expiry), sticky
+  partition assignment, per-partition committed offset fenced by owner + epoch, dead
+  letters and redrive (see ``groups``). Refusals: ``not_found``, ``not_owner``,
+  ``stale_epoch``.
 
 Wire format (``codec``): a command is the msgpack map ``{"v": 1, "type", "body", "ts",
 "rid"}``; a group-committed log entry is a msgpack array of such maps, fed to
@@ -67,8 +76,8 @@ error codes), ``machine`` (dispatch, snapshot, the `COMPONENTS` list), ``compone
 (what a part of the state provides: commands + snapshot section; a new capability is a
 new component), ``events`` (event log), ``queues`` (ready/delayed/leased/dead
 messages), ``schedules`` (timer schedules, ownership, fire claims), ``cluster`` (node
--> API map), ``workflows`` (workflow runs, routing rules and cursor), ``dedupe`` (rid
--> result memory), ``validation`` (body checks).
+-> API map), ``workflows`` (workflow runs, routing rules and cursor), ``groups``
+(consumer groups), ``dedupe`` (rid -> result memory), ``validation`` (body checks).
 """
 
 from flexcore.statemachine.codec import (

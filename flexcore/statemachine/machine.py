@@ -22,6 +22,8 @@ from flexcore.statemachine.codec import (
 from flexcore.statemachine.component import Component, Context, Handler
 from flexcore.statemachine.dedupe import RequestDedupe
 from flexcore.statemachine.events import EventLog
+from flexcore.statemachine.groups import ConsumerGroups
+from flexcore.statemachine.pipelines import Pipelines
 from flexcore.statemachine.queues import QueueStore
 from flexcore.statemachine.result import (
     INTERNAL,
@@ -46,6 +48,8 @@ COMPONENTS: tuple[tuple[str, type[Component]], ...] = (
     ("queues", QueueStore),
     ("schedules", Schedules),
     ("workflows", Workflows),
+    ("groups", ConsumerGroups),
+    ("pipelines", Pipelines),
 )
 _BASE_KEYS = frozenset({"format", "applied_index", "clock_ms", "dedupe"})
 
@@ -180,7 +184,8 @@ class StateMachine:
     # --- read side (pure queries) ---------------------------------------------------
 
     def read_events(self, after: int, limit: int, type_glob: str | None = None,
-                    max_scan: int = 10_000) -> tuple[list[dict[str, Any]], int]:
+                    max_scan: int = 10_000, partition: tuple[int, int] | None = None,
+                    ) -> tuple[list[dict[str, Any]], int]:
         """Retained events with offset > ``after``, ascending by offset.
 
         Scans at most ``max_scan`` events from the first offset after ``after`` (or
@@ -193,8 +198,16 @@ class StateMachine:
         never behind the retained log (a client that fell behind retention skips the
         trimmed gap) and never backwards for a client that is ahead of this replica.
         Events are fresh dicts; mutating them does not change the machine.
+        ``partition=(count, number)`` keeps only the events of that consumer-group
+        partition (``events.event_partition``).
         """
-        return self._events.read(after, limit, type_glob, max_scan)
+        return self._events.read(after, limit, type_glob, max_scan, partition)
+
+    def event_backlog(self, committed: list[int],
+                      max_scan: int = 100_000) -> tuple[list[int], bool]:
+        """Per-partition count of events above a group's committed offsets (lag); see
+        ``EventLog.backlog``."""
+        return self._events.backlog(committed, max_scan)
 
     def event_stats(self) -> dict[str, int]:
         """``{"first_offset", "last_offset", "count", "max_events"}`` (0 = unlimited)."""
