@@ -36,13 +36,13 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Coroutine
 from typing import Any
 
 import msgpack
 from prometheus_client import Counter
 
 from ..errors import CommandRejected, ConsensusError
+from ..leadership import LeaderDuty, NotLeading
 from ..raft import RaftNode
 from ..service import NodeServices
 from ..statemachine import StateMachine
@@ -51,7 +51,6 @@ from .host import PluginFailure, PluginHost, PluginProcess
 log = logging.getLogger("flexcore.pipelines")
 
 FINAL = frozenset({"success", "failure"})
-WATCHDOG_S = 0.1
 MAX_ERROR_CHARS = 2000
 _SCHEDULE_NS = uuid.UUID("0c3e0d7e-6d2a-4f1e-9a43-5b1f7a9e2c61")
 
@@ -71,29 +70,26 @@ def schedule_run_id(fire_key: str) -> str:
 
 
 class _Stop(Exception):
-    """End the driver without an outcome (leadership lost, or the run is final)."""
+    """End the driver without an outcome: the run is already final."""
 
 
-class PipelineRunner:
+class PipelineRunner(LeaderDuty):
     """Drives pipeline runs while this node leads."""
+
+    duty = "driving pipeline runs"
 
     def __init__(self, raft: RaftNode, machine: StateMachine, services: NodeServices,
                  host: PluginHost, *, retry_min: float = 0.2, retry_max: float = 10.0,
                  max_attempts: int = 5) -> None:
-        self.raft = raft
+        super().__init__(raft, log)
         self.machine = machine
         self.services = services
         self.host = host
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.max_attempts = max_attempts
-        self._term: int | None = None
-        self._session: set[asyncio.Task[Any]] = set()
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._releases: set[asyncio.Task[None]] = set()
-        self._main_task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
-        self._closed = False
         reg = services.registry
         self.batches = Counter("flexcore_pipeline_batches",
                                "Pipeline batches loaded and checkpointed by this node",
@@ -106,67 +102,19 @@ class PipelineRunner:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self.raft.add_change_listener(self._poke)
-        self._main_task = asyncio.create_task(self._main(), name="pipelines-watchdog")
-
     async def stop(self) -> None:
-        self._closed = True
-        self._end_session("node stopping")
-        tasks = [t for t in (self._main_task, *self._session) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await super().stop()
         for task in list(self._releases):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.host.close()
 
-    def _poke(self) -> None:
-        event, self._changed = self._changed, asyncio.Event()
-        event.set()
-
-    # -- leadership --------------------------------------------------------------------
-
-    def _leading_term(self) -> int | None:
-        st = self.raft.status()
-        return st.term if st.role == "leader" and st.has_quorum else None
-
-    def _leads(self, term: int) -> bool:
-        return not self._closed and self._leading_term() == term
-
-    def _check(self, term: int) -> None:
-        if not self._leads(term):
-            raise _Stop("not leading")
-
-    async def _main(self) -> None:
-        while not self._closed:
-            term = self._leading_term()
-            if term != self._term:
-                self._end_session("leadership changed")
-                if term is not None:
-                    self._term = term
-                    log.info("leading in term %d: driving pipeline runs", term)
-                    self._spawn(self._dispatch(term), "pipelines-dispatch")
-            wait = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wait.wait(), WATCHDOG_S)
+    def _begin_session(self, term: int) -> None:
+        self.spawn(self._dispatch(term), "pipelines-dispatch")
 
     def _end_session(self, why: str) -> None:
-        if self._term is not None:
-            log.info("stopped driving pipeline runs (term %d): %s", self._term, why)
-        self._term = None
-        for task in self._session:
-            task.cancel()
+        super()._end_session(why)
         self._drivers.clear()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
-        self._session.add(task)
-        task.add_done_callback(self._session.discard)
-        return task
 
     # -- state ---------------------------------------------------------------------------
 
@@ -190,8 +138,8 @@ class PipelineRunner:
 
     async def _dispatch(self, term: int) -> None:
         seen: tuple[int, int] | None = None
-        while self._leads(term):
-            wait = self._changed
+        while self.leads(term):
+            wait = self.change_event
             with self.raft.lock:
                 comp = self._component()
                 marker = (id(comp), comp.revision)
@@ -201,7 +149,7 @@ class PipelineRunner:
                 for run_id in ids:
                     task = self._drivers.get(run_id)
                     if task is None or task.done():
-                        self._drivers[run_id] = self._spawn(self._drive(run_id, term),
+                        self._drivers[run_id] = self.spawn(self._drive(run_id, term),
                                                             f"pipeline-run-{run_id[:8]}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wait.wait(), 0.5)
@@ -210,7 +158,7 @@ class PipelineRunner:
         procs: list[PluginProcess] = []
         try:
             await self._drive_run(run_id, term, procs)
-        except _Stop:
+        except (NotLeading, _Stop):
             pass
         except asyncio.CancelledError:
             raise
@@ -233,14 +181,14 @@ class PipelineRunner:
         if run is None or run["status"] in FINAL or spec is None:
             return
         if run["status"] == "pending":
-            self._check(term)
+            self.check(term)
             await self._propose("pipeline.run.start", {"id": run_id})
         name = run["pipeline"]
         attempts = 0
         delay = self.retry_min
         last_note: str | None = None
         while True:
-            self._check(term)
+            self.check(term)
             try:
                 if not procs:
                     procs.extend(await self._open(name, run_id, spec))
@@ -265,7 +213,7 @@ class PipelineRunner:
                 note = None
                 log.info("pipeline run %s: commit failed (%s); re-reading the checkpoint",
                          run_id, exc.message)
-            if note is not None and note != last_note and self._leads(term):
+            if note is not None and note != last_note and self.leads(term):
                 with contextlib.suppress(ConsensusError, CommandRejected):
                     await self._propose("pipeline.run.note",
                                         {"id": run_id, "error": note[:MAX_ERROR_CHARS]})
@@ -318,11 +266,11 @@ class PipelineRunner:
         name = run["pipeline"]
         key = batch_key(name, cp["epoch"], seq, start, end)
         if rows:
-            self._check(term)
+            self.check(term)
             await loader.call("execute", {"rows": rows, "key": key, "meta": {
                 "pipeline": name, "run": run_id, "epoch": cp["epoch"], "batch": seq,
                 "from": start, "to": end}})
-        self._check(term)
+        self.check(term)
         out = await self._propose("pipeline.checkpoint", {
             "pipeline": name, "run": run_id, "epoch": cp["epoch"], "seq": seq,
             "cursor": end, "rows": len(source_rows)})
@@ -333,7 +281,7 @@ class PipelineRunner:
 
     async def _finish(self, run_id: str, status: str, term: int, *,
                       error: str | None = None) -> None:
-        self._check(term)
+        self.check(term)
         body: dict[str, Any] = {"id": run_id, "status": status}
         if error is not None:
             body["error"] = error[:MAX_ERROR_CHARS]

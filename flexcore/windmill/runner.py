@@ -35,13 +35,13 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Coroutine
 from typing import Any
 
 import msgpack
 from prometheus_client import Counter
 
 from ..errors import CommandRejected, ConsensusError
+from ..leadership import LeaderDuty
 from ..raft import RaftNode
 from ..service import NodeServices
 from ..statemachine import StateMachine
@@ -61,7 +61,6 @@ MAX_RESULT_BYTES = 256 * 1024        # as flexcore.statemachine.workflows
 MAX_ERROR_CHARS = 2000
 ROUTE_SCAN = 500
 ROUTE_MAX_STARTS = 500
-WATCHDOG_S = 0.1
 _SCHEDULE_NS = uuid.UUID("6b0f2a52-9d3e-4c55-8f57-2f1f3c4b7a10")
 
 
@@ -96,25 +95,22 @@ def error_text(result: Any) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
-class WorkflowRunner:
+class WorkflowRunner(LeaderDuty):
     """Drives workflow runs and routing while this node leads."""
+
+    duty = "driving workflow runs and routing"
 
     def __init__(self, raft: RaftNode, machine: StateMachine, services: NodeServices,
                  client: WindmillClient | None, *, poll_min: float = 0.1,
                  poll_max: float = 2.0, retry_max: float = 30.0) -> None:
-        self.raft = raft
+        super().__init__(raft, log)
         self.machine = machine
         self.services = services
         self.client = client
         self.poll_min = poll_min
         self.poll_max = poll_max
         self.retry_max = retry_max
-        self._term: int | None = None
-        self._session: set[asyncio.Task[Any]] = set()
         self._drivers: dict[str, asyncio.Task[None]] = {}
-        self._main_task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
-        self._closed = False
         self.routes = RouteCache()
         reg = services.registry
         self.submits = Counter("flexcore_workflow_submissions",
@@ -136,67 +132,20 @@ class WorkflowRunner:
     async def start(self) -> None:
         if self.client is None:
             return
-        self.raft.add_change_listener(self._poke)
-        self._main_task = asyncio.create_task(self._main(), name="workflows-watchdog")
+        await super().start()
 
     async def stop(self) -> None:
-        self._closed = True
-        self._end_session("node stopping")
-        tasks = [t for t in (self._main_task, *self._session) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await super().stop()
         if self.client is not None:
             await self.client.close()
 
-    def _poke(self) -> None:
-        event, self._changed = self._changed, asyncio.Event()
-        event.set()
-
-    async def _wait_change(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
-
-    # -- leadership --------------------------------------------------------------------
-
-    def _leading_term(self) -> int | None:
-        st = self.raft.status()
-        return st.term if st.role == "leader" and st.has_quorum else None
-
-    def _leads(self, term: int) -> bool:
-        return not self._closed and self._leading_term() == term
-
-    async def _main(self) -> None:
-        while not self._closed:
-            term = self._leading_term()
-            if term != self._term:
-                self._end_session("leadership changed")
-                if term is not None:
-                    self._begin_session(term)
-            self._session = {t for t in self._session if not t.done()}
-            await self._wait_change(WATCHDOG_S)
-
     def _begin_session(self, term: int) -> None:
-        self._term = term
-        log.info("leading in term %d: driving workflow runs and routing", term)
-        self._spawn(self._dispatch(term), "workflows-dispatch")
-        self._spawn(self._route(term), "workflows-router")
+        self.spawn(self._dispatch(term), "workflows-dispatch")
+        self.spawn(self._route(term), "workflows-router")
 
     def _end_session(self, why: str) -> None:
-        if self._term is not None:
-            log.info("stopped driving workflow runs (term %d): %s", self._term, why)
-        self._term = None
-        for task in self._session:
-            task.cancel()
+        super()._end_session(why)
         self._drivers.clear()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
-        self._session.add(task)
-        task.add_done_callback(self._session.discard)
-        return task
 
     # -- proposals ---------------------------------------------------------------------
 
@@ -214,8 +163,8 @@ class WorkflowRunner:
     async def _dispatch(self, term: int) -> None:
         """Start a driver for every run that is not final (and for new ones)."""
         seen: tuple[int, int] | None = None
-        while self._leads(term):
-            wait = self._changed
+        while self.leads(term):
+            wait = self.change_event
             with self.raft.lock:
                 wf = self.machine.component("workflows")
                 marker = (id(wf), wf.revision)
@@ -225,7 +174,7 @@ class WorkflowRunner:
                 for run_id in ids:
                     task = self._drivers.get(run_id)
                     if task is None or task.done():
-                        self._drivers[run_id] = self._spawn(self._drive(run_id, term),
+                        self._drivers[run_id] = self.spawn(self._drive(run_id, term),
                                                             f"workflow-run-{run_id[:8]}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wait.wait(), 0.5)
@@ -247,7 +196,7 @@ class WorkflowRunner:
         delay = self.poll_min
         cancel_sent = False
         last_note: str | None = None
-        while self._leads(term):
+        while self.leads(term):
             run = self._read_run(run_id)
             if run is None or run["status"] in FINAL:
                 return
@@ -267,7 +216,7 @@ class WorkflowRunner:
                     return
                 job_id = run["job_id"] or run_id
                 if run["cancel_requested"] and not cancel_sent:
-                    if not self._leads(term):
+                    if not self.leads(term):
                         return
                     with contextlib.suppress(WindmillNotFound):  # it already completed
                         await self.client.cancel(job_id, run.get("cancel_reason") or
@@ -278,7 +227,7 @@ class WorkflowRunner:
                     job = await self.client.get_job(job_id)
                     await self._complete(run_id, job, maybe.result, term)
                     return
-                if maybe.started and run["status"] == "submitted" and self._leads(term):
+                if maybe.started and run["status"] == "submitted" and self.leads(term):
                     await self._propose("workflow.run.running", {"id": run_id,
                                                                  "job_id": job_id})
             except WindmillNotFound as exc:
@@ -290,7 +239,7 @@ class WorkflowRunner:
                 log.warning("workflow run %s: %s", run_id, exc)
             except (ConsensusError, CommandRejected) as exc:
                 log.debug("workflow run %s: commit failed: %s", run_id, exc.message)
-            if note is not None and note != last_note and self._leads(term):
+            if note is not None and note != last_note and self.leads(term):
                 with contextlib.suppress(ConsensusError, CommandRejected):
                     await self._propose("workflow.run.note", {"id": run_id, "error": note})
                     last_note = note
@@ -305,7 +254,7 @@ class WorkflowRunner:
         Raises `WindmillError` for failures worth retrying."""
         assert self.client is not None
         run_id = run["id"]
-        if not self._leads(term):
+        if not self.leads(term):
             return False
         submit = self.client.run_script if run["kind"] == "script" else self.client.run_flow
         try:
@@ -350,7 +299,7 @@ class WorkflowRunner:
 
     async def _finish(self, run_id: str, status: str, term: int, *, result: Any = None,
                       error: str | None = None, duration: int | None = None) -> None:
-        if not self._leads(term):
+        if not self.leads(term):
             return
         body: dict[str, Any] = {"id": run_id, "status": status}
         if result is not None or status == "success":
@@ -368,8 +317,8 @@ class WorkflowRunner:
     # -- routing ---------------------------------------------------------------------------
 
     async def _route(self, term: int) -> None:
-        while self._leads(term):
-            wait = self._changed
+        while self.leads(term):
+            wait = self.change_event
             try:
                 progressed = await self._route_once(term)
             except (ConsensusError, CommandRejected) as exc:
@@ -418,7 +367,7 @@ class WorkflowRunner:
 
     async def _advance(self, term: int, cursor: int, to: int,
                        starts: list[dict[str, Any]]) -> bool:
-        if not self._leads(term):
+        if not self.leads(term):
             return False
         out = await self._propose("workflow.route.advance",
                                   {"from": cursor, "to": to, "starts": starts})
