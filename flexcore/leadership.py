@@ -112,3 +112,48 @@ class LeaderDuty:
         self._session.add(task)
         task.add_done_callback(self._session.discard)
         return task
+
+
+class RunDriverDuty(LeaderDuty):
+    """A `LeaderDuty` that keeps one driver task per active run of a state-machine
+    component (workflow runs, pipeline runs).
+
+    The component exposes ``revision`` (bumped on every change) and ``active_ids()``;
+    subclasses implement `_drive(run_id, term)`, which ends when the run is final or the
+    node stops leading. A new leader's session starts a driver for every active run, so
+    runs in flight resume after a failover.
+    """
+
+    runs_component = ""             # key of the component in machine.COMPONENTS
+    run_task_prefix = "run"
+
+    def __init__(self, raft: RaftNode, machine: Any, log: logging.Logger) -> None:
+        super().__init__(raft, log)
+        self.machine = machine
+        self._drivers: dict[str, asyncio.Task[None]] = {}
+
+    def _end_session(self, why: str) -> None:
+        super()._end_session(why)
+        self._drivers.clear()
+
+    async def _dispatch(self, term: int) -> None:
+        """Start a driver for every run that is not final, and for each new one."""
+        seen: tuple[int, int] | None = None
+        while self.leads(term):
+            wait = self.change_event
+            with self.raft.lock:
+                comp = self.machine.component(self.runs_component)
+                marker = (id(comp), comp.revision)
+                ids = comp.active_ids() if marker != seen else []
+            if marker != seen:
+                seen = marker
+                for run_id in ids:
+                    task = self._drivers.get(run_id)
+                    if task is None or task.done():
+                        self._drivers[run_id] = self.spawn(
+                            self._drive(run_id, term), f"{self.run_task_prefix}-{run_id[:8]}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wait.wait(), 0.5)
+
+    async def _drive(self, run_id: str, term: int) -> None:
+        raise NotImplementedError

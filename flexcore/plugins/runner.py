@@ -42,7 +42,7 @@ import msgpack
 from prometheus_client import Counter
 
 from ..errors import CommandRejected, ConsensusError
-from ..leadership import LeaderDuty, NotLeading
+from ..leadership import NotLeading, RunDriverDuty
 from ..raft import RaftNode
 from ..service import NodeServices
 from ..statemachine import StateMachine
@@ -73,22 +73,22 @@ class _Stop(Exception):
     """End the driver without an outcome: the run is already final."""
 
 
-class PipelineRunner(LeaderDuty):
+class PipelineRunner(RunDriverDuty):
     """Drives pipeline runs while this node leads."""
 
     duty = "driving pipeline runs"
+    runs_component = "pipelines"
+    run_task_prefix = "pipeline-run"
 
     def __init__(self, raft: RaftNode, machine: StateMachine, services: NodeServices,
                  host: PluginHost, *, retry_min: float = 0.2, retry_max: float = 10.0,
                  max_attempts: int = 5) -> None:
-        super().__init__(raft, log)
-        self.machine = machine
+        super().__init__(raft, machine, log)
         self.services = services
         self.host = host
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.max_attempts = max_attempts
-        self._drivers: dict[str, asyncio.Task[None]] = {}
         self._releases: set[asyncio.Task[None]] = set()
         reg = services.registry
         self.batches = Counter("flexcore_pipeline_batches",
@@ -112,10 +112,6 @@ class PipelineRunner(LeaderDuty):
     def _begin_session(self, term: int) -> None:
         self.spawn(self._dispatch(term), "pipelines-dispatch")
 
-    def _end_session(self, why: str) -> None:
-        super()._end_session(why)
-        self._drivers.clear()
-
     # -- state ---------------------------------------------------------------------------
 
     def _component(self) -> Any:
@@ -135,24 +131,6 @@ class PipelineRunner(LeaderDuty):
         return value
 
     # -- runs ----------------------------------------------------------------------------
-
-    async def _dispatch(self, term: int) -> None:
-        seen: tuple[int, int] | None = None
-        while self.leads(term):
-            wait = self.change_event
-            with self.raft.lock:
-                comp = self._component()
-                marker = (id(comp), comp.revision)
-                ids = comp.active_ids() if marker != seen else []
-            if marker != seen:
-                seen = marker
-                for run_id in ids:
-                    task = self._drivers.get(run_id)
-                    if task is None or task.done():
-                        self._drivers[run_id] = self.spawn(self._drive(run_id, term),
-                                                            f"pipeline-run-{run_id[:8]}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wait.wait(), 0.5)
 
     async def _drive(self, run_id: str, term: int) -> None:
         procs: list[PluginProcess] = []

@@ -41,7 +41,7 @@ import msgpack
 from prometheus_client import Counter
 
 from ..errors import CommandRejected, ConsensusError
-from ..leadership import LeaderDuty
+from ..leadership import RunDriverDuty
 from ..raft import RaftNode
 from ..service import NodeServices
 from ..statemachine import StateMachine
@@ -95,22 +95,22 @@ def error_text(result: Any) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
-class WorkflowRunner(LeaderDuty):
+class WorkflowRunner(RunDriverDuty):
     """Drives workflow runs and routing while this node leads."""
 
     duty = "driving workflow runs and routing"
+    runs_component = "workflows"
+    run_task_prefix = "workflow-run"
 
     def __init__(self, raft: RaftNode, machine: StateMachine, services: NodeServices,
                  client: WindmillClient | None, *, poll_min: float = 0.1,
                  poll_max: float = 2.0, retry_max: float = 30.0) -> None:
-        super().__init__(raft, log)
-        self.machine = machine
+        super().__init__(raft, machine, log)
         self.services = services
         self.client = client
         self.poll_min = poll_min
         self.poll_max = poll_max
         self.retry_max = retry_max
-        self._drivers: dict[str, asyncio.Task[None]] = {}
         self.routes = RouteCache()
         reg = services.registry
         self.submits = Counter("flexcore_workflow_submissions",
@@ -143,10 +143,6 @@ class WorkflowRunner(LeaderDuty):
         self.spawn(self._dispatch(term), "workflows-dispatch")
         self.spawn(self._route(term), "workflows-router")
 
-    def _end_session(self, why: str) -> None:
-        super()._end_session(why)
-        self._drivers.clear()
-
     # -- proposals ---------------------------------------------------------------------
 
     async def _propose(self, type_: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -159,25 +155,6 @@ class WorkflowRunner(LeaderDuty):
         return run
 
     # -- runs ----------------------------------------------------------------------------
-
-    async def _dispatch(self, term: int) -> None:
-        """Start a driver for every run that is not final (and for new ones)."""
-        seen: tuple[int, int] | None = None
-        while self.leads(term):
-            wait = self.change_event
-            with self.raft.lock:
-                wf = self.machine.component("workflows")
-                marker = (id(wf), wf.revision)
-                ids = wf.active_ids() if marker != seen else []
-            if marker != seen:
-                seen = marker
-                for run_id in ids:
-                    task = self._drivers.get(run_id)
-                    if task is None or task.done():
-                        self._drivers[run_id] = self.spawn(self._drive(run_id, term),
-                                                            f"workflow-run-{run_id[:8]}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wait.wait(), 0.5)
 
     async def _drive(self, run_id: str, term: int) -> None:
         try:
