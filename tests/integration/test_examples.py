@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flexcore.cluster import free_ports, http_json, wait_for
+from flexcore.cluster import LocalCluster, NodeProcess, free_ports, http_json, wait_for
+from tests.support.workload import read_all
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,3 +97,53 @@ def test_queue_worker_sends_and_dead_letters(tmp_path: Path) -> None:
         [letter] = dead["messages"]
         assert letter["body"] == {"to": "x@invalid.example"} and letter["attempt"] == 3
         assert "does not exist" in letter["error"]
+
+
+class _OrderServiceCluster(LocalCluster):
+    """Three ``examples/order_service.py`` processes forming one cluster."""
+
+    def command(self, node: NodeProcess, peers: str | None = None) -> list[str]:
+        node_cmd = super().command(node, peers)   # [python, -m, flexcore.node, flags...]
+        return [sys.executable, str(ROOT / "examples" / "order_service.py"), *node_cmd[3:]]
+
+
+def test_order_service_cluster_survives_kill9_of_the_leader(tmp_path: Path) -> None:
+    """A consumer-group member process killed -9 mid-stream: its partitions move to the
+    survivors, which pick up from the committed offsets; every billable order ends with
+    exactly one invoice (at-least-once handling + the invoice's idempotent id)."""
+    cluster = _OrderServiceCluster(3, tmp_path / "orders",
+                                   extra_args=["--group-session", "2"])
+    with cluster:
+        cluster.wait_leader(timeout=30)
+        cluster.wait_ready(timeout=30)
+        orders = [f"o-{i}" for i in range(200)]
+
+        def publish(i: int) -> None:
+            def sent() -> bool | None:
+                live = cluster.live()
+                code, _ = http_json("POST", live[i % len(live)].url + "/v1/events",
+                                    {"type": "order.created", "key": orders[i],
+                                     "id": f"order:{orders[i]}",
+                                     "payload": {"total": 10 + i, "customer": "c"}},
+                                    timeout=10)
+                return True if code == 201 else None
+            wait_for(f"order {i} published", sent, 30)
+
+        for i in range(80):
+            publish(i)
+        victim = cluster.leader_index()
+        cluster.kill(victim)
+        for i in range(80, 200):
+            publish(i)
+        survivor = next(n for n in cluster.nodes if n.index != victim)
+
+        def invoices() -> list[dict[str, Any]] | None:
+            found = [e for e in read_all(survivor.url, consistent=True)
+                     if e["type"] == "invoice.issued"]
+            return found if len(found) >= len(orders) else None
+        issued = wait_for("an invoice for every order", invoices, 90, interval=0.5)
+    ids = [e["id"] for e in issued]
+    assert len(ids) == len(set(ids)) == len(orders)
+    assert sorted(e["payload"]["order"] for e in issued) == sorted(orders)
+    assert all(e["payload"]["gross"] == round((10 + int(e["payload"]["order"][2:])) * 1.2, 2)
+               for e in issued)
