@@ -151,13 +151,14 @@ def _wait_more_writes(writers: Writers, n: int, what: str) -> None:
     wait_for(what, lambda: writers.count() >= base + n or None, 60)
 
 
-def _final_check(cluster: DockerCluster, writers: Writers, nemesis: Nemesis) -> None:
+def _final_check(cluster: DockerCluster, writers: Writers, nemesis: Nemesis,
+                 lines: list[str]) -> None:
     history = writers.history
     nemesis.all_ready()
     logs = [read_all(n.url, consistent=True) for n in cluster.nodes]
-    print(f"history: {history.summary()}; events in log: {len(logs[0])}")
-    print(f"faults: {cluster.faults.summary()}")
-    print(f"minority windows checked: {len(nemesis.minority_windows)}")
+    lines.append(f"history: {history.summary()}; events in log: {len(logs[0])}")
+    lines.append(f"faults: {cluster.faults.summary()}")
+    lines.append(f"minority windows checked: {len(nemesis.minority_windows)}")
     check_logs(logs, history)
     nemesis.check_minority()
     assert len(history.acked) > 0
@@ -234,7 +235,8 @@ def _finish_queue(cluster: DockerCluster, queue: QueueWorkload) -> str:
     return str(check(queue.history, QUEUE_TOTAL, states, int(VISIBILITY_S * 1000)))
 
 
-def test_workloads_survive_a_nemesis_sequence(docker_cluster3: DockerCluster) -> None:
+def test_workloads_survive_a_nemesis_sequence(docker_cluster3: DockerCluster,
+                                              chaos_report: list[str]) -> None:
     cluster = docker_cluster3
     _start_timer(cluster)
     queue = QueueWorkload(cluster, QUEUE, QUEUE_TOTAL, producers=2, consumers=3)
@@ -252,13 +254,14 @@ def test_workloads_survive_a_nemesis_sequence(docker_cluster3: DockerCluster) ->
         queue_figures = _finish_queue(cluster, queue)
     _pause_timer(cluster)
     timer_figures = _check_timer(cluster)   # waits until every claimed fire completed
-    _final_check(cluster, writers, nemesis)
-    print(f"queue: {queue_figures}")
-    print(f"timer: {timer_figures}")
+    _final_check(cluster, writers, nemesis, chaos_report)
+    chaos_report.append(f"queue: {queue_figures}")
+    chaos_report.append(f"timer: {timer_figures}")
     assert len(cluster.faults.entries) >= 6 * ROUNDS
 
 
-def test_whole_cluster_killed_and_restarted_twice(docker_cluster3: DockerCluster) -> None:
+def test_whole_cluster_killed_and_restarted_twice(docker_cluster3: DockerCluster,
+                                                  chaos_report: list[str]) -> None:
     cluster = docker_cluster3
     with Writers(cluster, n=4, timeout=8) as writers:
         nemesis = Nemesis(cluster, writers.history)
@@ -266,4 +269,4 @@ def test_whole_cluster_killed_and_restarted_twice(docker_cluster3: DockerCluster
             _wait_more_writes(writers, 50, "writes before the crash")
             nemesis.full_restart()
         _wait_more_writes(writers, 50, "writes after the last restart")
-    _final_check(cluster, writers, nemesis)
+    _final_check(cluster, writers, nemesis, chaos_report)
