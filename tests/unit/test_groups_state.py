@@ -4,37 +4,18 @@ partition lag, and snapshots."""
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections import Counter
 from typing import Any
 
-from flexcore.statemachine import Command, Err, Ok, Result, StateMachine
+from flexcore.statemachine import Command, Err, StateMachine
 from flexcore.statemachine.events import event_partition
 from flexcore.statemachine.groups import ConsumerGroups
+from tests.support.machine import MachineDriver
 
-_index = itertools.count(1)
 
-
-class G:
+class G(MachineDriver):
     """A state machine plus a settable proposer clock (ms)."""
-
-    def __init__(self, now: int = 1_000_000) -> None:
-        self.sm = StateMachine()
-        self.now = now
-
-    def run(self, type_: str, body: dict[str, Any]) -> Result:
-        return self.sm.apply(Command(type_, body, self.now), next(_index))
-
-    def ok(self, type_: str, body: dict[str, Any]) -> dict[str, Any]:
-        result = self.run(type_, body)
-        assert isinstance(result, Ok), result
-        return result.value
-
-    def err(self, type_: str, body: dict[str, Any], code: str) -> str:
-        result = self.run(type_, body)
-        assert isinstance(result, Err) and result.code == code, result
-        return result.message
 
     @property
     def store(self) -> ConsumerGroups:

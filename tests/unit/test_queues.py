@@ -3,38 +3,19 @@ stale leases, snapshots with leases in flight, and determinism under random comm
 
 from __future__ import annotations
 
-import itertools
 import random
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexcore.statemachine import Command, Err, Ok, Result, StateMachine
+from flexcore.statemachine import Command, Ok, Result, StateMachine
 from flexcore.statemachine.queues import DEFAULT_MAX_DELIVERIES, QueueStore
+from tests.support.machine import MachineDriver
 
-_index = itertools.count(1)
 
-
-class Q:
+class Q(MachineDriver):
     """A state machine plus a settable proposer clock (ms)."""
-
-    def __init__(self, now: int = 1_000_000) -> None:
-        self.sm = StateMachine()
-        self.now = now
-
-    def run(self, type_: str, body: dict[str, Any]) -> Result:
-        return self.sm.apply(Command(type_, body, self.now), next(_index))
-
-    def ok(self, type_: str, body: dict[str, Any]) -> dict[str, Any]:
-        result = self.run(type_, body)
-        assert isinstance(result, Ok), result
-        return result.value
-
-    def err(self, type_: str, body: dict[str, Any], code: str) -> str:
-        result = self.run(type_, body)
-        assert isinstance(result, Err) and result.code == code, result
-        return result.message
 
     def put(self, body: Any, queue: str = "q", **extra: Any) -> str:
         value = self.ok("queue.enqueue", {"queue": queue, "messages": [{"body": body, **extra}]})
