@@ -182,7 +182,7 @@ class RaftNode:
             onStateChanged=self._on_state_changed,
         )
         self._sync = FlexSyncObj(cfg.self_addr, list(cfg.peers), conf, self._on_apply,
-                                 fsync=cfg.fsync)
+                                 fsync=cfg.fsync, snapshot_last=snapshot_last_entry)
         try:
             await asyncio.to_thread(self._sync.waitBinded)
         except Exception as exc:
@@ -551,6 +551,17 @@ class RaftNode:
         if sync is None or self._closed:
             return False
         return self._leader() is not None and self.applied_index >= sync.raftCommitIndex
+
+
+def snapshot_last_entry(raw: bytes) -> tuple[int, int] | None:
+    """(index, term) of the last entry a snapshot file covers; None if unreadable."""
+    try:
+        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True,
+                              max_bin_len=_SNAPSHOT_LIMIT, max_str_len=_SNAPSHOT_LIMIT)
+        last = doc["last"]
+        return int(last[1]), int(last[2])
+    except Exception:
+        return None
 
 
 def _join_tick_thread(sync: FlexSyncObj) -> None:

@@ -29,6 +29,7 @@ why, each covered by ``tests/unit/test_raft_syncobj.py``:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -111,16 +112,20 @@ class FlexTransport(TCPTransport):  # type: ignore[misc]
 
 
 ApplyCallback = Callable[[bytes, int], Any]
+SnapshotPeek = Callable[[bytes], "tuple[int, int] | None"]
+"""(index, term) of a snapshot's last entry, read from the snapshot file's bytes."""
 
 
 class FlexSyncObj(SyncObj):  # type: ignore[misc]
     """SyncObj with FlexCore's corrections. Construct through `flexcore.raft.node`."""
 
     def __init__(self, self_addr: str, peers: list[str], conf: SyncObjConf,
-                 on_apply: ApplyCallback, *, fsync: bool = False) -> None:
+                 on_apply: ApplyCallback, *, fsync: bool = False,
+                 snapshot_last: SnapshotPeek | None = None) -> None:
         check_version()
         wire.install()
         self._flex_on_apply = on_apply
+        self._flex_snapshot_last = snapshot_last
         self._flex_fsync = fsync
         self._flex_synced: tuple[int, int, int] | None = None
         # Well inside the inactivity timeout, so no idle link between members expires.
@@ -171,6 +176,8 @@ class FlexSyncObj(SyncObj):  # type: ignore[misc]
         if (message["type"] == "append_entries" and "prevLogIdx" in message
                 and "transmission" not in message):
             message, reply_next = self._guard_append_entries(message)
+        elif message["type"] == "append_entries" and message.get("serialized") is not None:
+            message, reply_next = self._guard_snapshot_install(message)
         SyncObj._SyncObj__onMessageReceived(self, node, message)
         if reply_next is not None:
             self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=reply_next, success=True)
@@ -219,6 +226,57 @@ class FlexSyncObj(SyncObj):  # type: ignore[misc]
                        if k not in ("prevLogIdx", "prevLogTerm", "entries")}
         bookkeeping["commit_index"] = min(msg["commit_index"], verified)
         return bookkeeping, verified + 1
+
+    # -- 1b. snapshot installs that would roll back ---------------------------------------
+
+    def _guard_snapshot_install(self, msg: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        """Drop a snapshot from the leader that is not newer than what this node holds.
+
+        Stock PySyncObj installs every snapshot it receives: it wipes the journal past the
+        snapshot and rolls the state machine back, even when this node already applied
+        (and acknowledged) entries beyond it - seen in the chaos suite when a leader
+        re-sent an old snapshot. The leader's matchIndex never goes down, so it keeps
+        counting entries this node no longer has; a leader failure right after can lose
+        a committed entry. Raft (§7): if the log already holds the snapshot's last entry
+        (same index and term), retain the log. Here: if that entry was applied already,
+        or is in the log with the same term, the transmission is discarded (this node's
+        snapshot file and journal stay as they are) and only the verified index is
+        acknowledged.
+        """
+        if msg["term"] < self.raftCurrentTerm or self._flex_snapshot_last is None:
+            return msg, None
+        data, _is_first, is_last = msg["serialized"]
+        if not is_last:
+            return msg, None
+        serializer = self._SyncObj__serializer
+        incoming = serializer._Serializer__incomingTransmissionFile
+        if incoming is None:
+            return msg, None
+        incoming.flush()
+        tmp = self.conf.fullDumpFile + ".1.tmp"
+        try:
+            with open(tmp, "rb") as f:
+                last = self._flex_snapshot_last(f.read() + bytes(data or b""))
+        except OSError:
+            return msg, None
+        if last is None:
+            return msg, None
+        idx, term = last
+        raft_log = self._SyncObj__raftLog
+        first_idx, last_idx = raft_log[0][1], raft_log[-1][1]
+        holds = first_idx <= idx <= last_idx and raft_log[idx - first_idx][2] == term
+        if idx > self.raftLastApplied and not holds:
+            return msg, None            # genuinely newer: install it
+        incoming.close()
+        serializer._Serializer__incomingTransmissionFile = None
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        log.info("discarded a snapshot at index %d from the leader: this node already "
+                 "holds it (applied %d, log %d..%d)", idx, self.raftLastApplied, first_idx,
+                 last_idx)
+        bookkeeping = {k: v for k, v in msg.items() if k != "serialized"}
+        bookkeeping["commit_index"] = min(msg["commit_index"], max(idx, self.raftCommitIndex))
+        return bookkeeping, idx + 1
 
     # -- 2. durability -----------------------------------------------------------------
 

@@ -266,7 +266,9 @@ class DockerCluster(ClusterObserver):
         return f"http://{self.subnet_prefix}.5:{LB_PORT}"
 
     def close(self) -> None:
-        """Remove every container and the network; safe to call more than once."""
+        """Save each container's full log (to $FLEXCORE_TEST_LOGS or the temp folder),
+        then remove every container and the network; safe to call more than once."""
+        self._save_logs()
         for c in self.client.containers.list(all=True, filters={"label": f"{LABEL}={self.run_id}"}):
             with contextlib.suppress(docker.errors.APIError):
                 c.remove(force=True, v=True)
@@ -274,6 +276,15 @@ class DockerCluster(ClusterObserver):
             with contextlib.suppress(docker.errors.APIError):
                 n.remove()
         self.network = None
+
+    def _save_logs(self) -> None:
+        folder = Path(os.environ.get("FLEXCORE_TEST_LOGS", "/tmp/flexcore-test-logs"))
+        for node in self.nodes:
+            if node.container is None:
+                continue
+            with contextlib.suppress(docker.errors.APIError, OSError):
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{node.name}.log").write_bytes(node.container.logs())
 
     def __enter__(self) -> DockerCluster:
         return self.start()

@@ -236,3 +236,86 @@ def test_keepalive_reaches_every_connected_member_once_per_period(flex: Follower
     before = flex.log
     obj._SyncObj__onMessageReceived(flex.leader, dict(KEEPALIVE))
     assert flex.log == before
+
+
+# -- snapshot installs that would roll back ---------------------------------------------
+
+def _snapshot_doc(last: tuple[int, int], prev: tuple[int, int]) -> bytes:
+    import msgpack
+    return bytes(msgpack.packb({"format": 1, "last": [NOOP, *last], "prev": [NOOP, *prev],
+                                "cluster": [], "state": b""}, use_bin_type=True))
+
+
+def _read_doc(filename: str) -> tuple[Any, Any, list[Any]]:
+    import msgpack
+    with open(filename, "rb") as f:
+        doc = msgpack.unpackb(f.read(), raw=False)
+    return (tuple(doc["last"]), tuple(doc["prev"]), [])
+
+
+def _install_conf(port: int, tmp_path: Any) -> SyncObjConf:
+    conf = _conf(port)
+    conf.fullDumpFile = str(tmp_path / "raft.snapshot")
+    conf.serializer = lambda filename, data: None
+    conf.deserializer = _read_doc
+    return conf
+
+
+def _applied_follower(obj: SyncObj, upto: int) -> Follower:
+    f = Follower(obj)
+    f.append_entries(prev=(1, 0), entries=[(i, 1) for i in range(2, upto + 1)], commit=upto)
+    obj.doTick(0)                                  # applies up to the commit index
+    assert obj.raftLastApplied == upto
+    return f
+
+
+def _send_snapshot(f: Follower, last: tuple[int, int], commit: int) -> None:
+    doc = _snapshot_doc(last, (last[0] - 1, last[1]))
+    for chunk in ((doc, True, False), (b"", False, True)):
+        f.obj._SyncObj__onMessageReceived(f.leader, {
+            "type": "append_entries", "term": 1, "commit_index": commit, "serialized": chunk})
+
+
+def test_stock_pysyncobj_rolls_back_on_an_old_snapshot(tmp_path: Any) -> None:
+    """The hole, reproduced: an applied follower installs an older snapshot, loses the
+    entries after it (which it had acknowledged) and rolls its applied index back."""
+    p1, p2 = free_ports(2)
+    obj = SyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], conf=_install_conf(p1, tmp_path))
+    try:
+        f = _applied_follower(obj, 6)
+        _send_snapshot(f, last=(3, 1), commit=6)
+        assert f.log == [(2, 1), (3, 1)] and obj.raftLastApplied == 3, \
+            "stock PySyncObj no longer rolls back: re-check the override"
+    finally:
+        obj.destroy()
+
+
+def test_flex_discards_a_snapshot_it_already_holds(tmp_path: Any) -> None:
+    from flexcore.raft.node import snapshot_last_entry
+    p1, p2 = free_ports(2)
+    obj = FlexSyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], _install_conf(p1, tmp_path),
+                      on_apply=lambda blob, index: None, snapshot_last=snapshot_last_entry)
+    try:
+        f = _applied_follower(obj, 6)
+        _send_snapshot(f, last=(3, 1), commit=6)
+        assert f.log == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]
+        assert obj.raftLastApplied == 6
+        assert f.replies[-1] == {"type": "next_node_idx", "next_node_idx": 4,
+                                 "reset": False, "success": True}
+        assert not (tmp_path / "raft.snapshot").exists()          # nothing replaced
+        assert not (tmp_path / "raft.snapshot.1.tmp").exists()
+    finally:
+        obj.destroy()
+
+
+def test_flex_still_installs_a_newer_snapshot(tmp_path: Any) -> None:
+    from flexcore.raft.node import snapshot_last_entry
+    p1, p2 = free_ports(2)
+    obj = FlexSyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], _install_conf(p1, tmp_path),
+                      on_apply=lambda blob, index: None, snapshot_last=snapshot_last_entry)
+    try:
+        f = _applied_follower(obj, 3)
+        _send_snapshot(f, last=(9, 1), commit=9)
+        assert f.log == [(8, 1), (9, 1)] and obj.raftLastApplied == 9
+    finally:
+        obj.destroy()
