@@ -37,6 +37,7 @@ import os
 import stat
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,14 @@ class PluginError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def check_config_fields(config: dict[str, Any], allowed: Iterable[str]) -> None:
+    """Refuse config fields a plugin does not know, with a ``bad_config`` error."""
+    unknown = set(config) - set(allowed)
+    if unknown:
+        raise PluginError("bad_config",
+                          f"unknown config field(s): {', '.join(sorted(unknown))}")
 
 
 class Plugin:

@@ -206,3 +206,12 @@ def test_batch_keys_are_stable_and_distinct() -> None:
 def test_frame_decode_keeps_plain_values() -> None:
     msg: dict[str, Any] = protocol.decode(msgpack.packb({"id": 3, "result": [1, "a", None]}))
     assert msg == {"id": 3, "result": [1, "a", None]}
+
+
+def test_extractor_refuses_unknown_config_fields() -> None:
+    from flexcore.plugins.builtin.postgres_extractor import Extractor
+    with pytest.raises(PluginError) as info:
+        Extractor().init({"url": "sqlite://", "table": "t", "cursor_column": "id",
+                          "bogus": 1, "also": 2})
+    assert info.value.code == "bad_config"
+    assert info.value.message == "unknown config field(s): also, bogus"

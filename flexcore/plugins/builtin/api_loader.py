@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from flexcore.plugins.sdk import Plugin, PluginError, serve
+from flexcore.plugins.sdk import Plugin, PluginError, check_config_fields, serve
 
 NAME = "api-loader"
 VERSION = "1.0.0"
@@ -92,10 +92,7 @@ class Loader(Plugin):
                 "config_schema": CONFIG_SCHEMA}
 
     def init(self, config: dict[str, Any]) -> None:
-        unknown = set(config) - set(CONFIG_SCHEMA["properties"])
-        if unknown:
-            raise PluginError("bad_config", f"unknown config field(s): "
-                                            f"{', '.join(sorted(unknown))}")
+        check_config_fields(config, CONFIG_SCHEMA["properties"])
         url = config.get("url")
         if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
             raise PluginError("bad_config", "url must be an http(s) URL")

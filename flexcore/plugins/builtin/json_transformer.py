@@ -19,7 +19,7 @@ import jmespath
 import jmespath.exceptions
 import jmespath.parser
 
-from flexcore.plugins.sdk import Plugin, PluginError, serve
+from flexcore.plugins.sdk import Plugin, PluginError, check_config_fields, serve
 
 NAME = "json-transformer"
 VERSION = "1.0.0"
@@ -52,10 +52,7 @@ class Mapping:
     """A compiled config: ``apply(rows)`` is the whole transformation."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        unknown = set(config) - {"mapping", "filter"}
-        if unknown:
-            raise PluginError("bad_config", f"unknown config field(s): "
-                                            f"{', '.join(sorted(unknown))}")
+        check_config_fields(config, ("mapping", "filter"))
         raw = config.get("mapping")
         if raw is None and config.get("filter") is None:
             raise PluginError("bad_config", "give a mapping, a filter or both")

@@ -35,7 +35,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from flexcore.plugins.sdk import Plugin, PluginError, serve
+from flexcore.plugins.sdk import Plugin, PluginError, check_config_fields, serve
 
 NAME = "postgres-extractor"
 VERSION = "1.0.0"
@@ -95,10 +95,7 @@ class Extractor(Plugin):
                 "config_schema": CONFIG_SCHEMA}
 
     def init(self, config: dict[str, Any]) -> None:
-        unknown = set(config) - set(CONFIG_SCHEMA["properties"])
-        if unknown:
-            raise PluginError("bad_config", f"unknown config field(s): "
-                                            f"{', '.join(sorted(unknown))}")
+        check_config_fields(config, CONFIG_SCHEMA["properties"])
         url = config.get("url")
         if not isinstance(url, str) or not url:
             raise PluginError("bad_config", "url must be a SQLAlchemy URL "
