@@ -28,7 +28,9 @@ log = logging.getLogger("flexcore.node")
 
 
 # HTTP status of a state-machine refusal by its code; any other code is a 400.
-ERR_STATUS: dict[str, int] = {"not_found": 404, "conflict": 409, "lease_expired": 409}
+ERR_STATUS: dict[str, int] = {"not_found": 404, "conflict": 409, "lease_expired": 409,
+                              # a handler raised: a bug in the node, not the client's mistake
+                              "internal": 500}
 # Timer fencing refusals (flexcore.statemachine.schedules): the state, not the request,
 # is in the way.
 ERR_STATUS.update({"not_owner": 409, "stale_term": 409, "already_claimed": 409,

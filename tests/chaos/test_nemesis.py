@@ -221,15 +221,23 @@ def _check_timer(cluster: DockerCluster) -> str:
 
 
 def _finish_queue(cluster: DockerCluster, queue: QueueWorkload) -> str:
+    last: dict[str, Any] = {}
+
     def drained() -> bool | None:
+        queue.raise_if_broken()
         if not queue.producers_done:
             return None
         live = cluster.live()
         code, body = http_json("GET", f"{live[0].url}/v1/queues/{QUEUE}", timeout=10)
+        last["state"] = body
         done = (code == 200 and body["totals"]["acked"] == QUEUE_TOTAL
                 and (body["ready"], body["leased"], body["delayed"]) == (0, 0, 0))
         return True if done and queue.history.crashed_settled() else None
-    wait_for("every message acked and every crashed lease re-acked", drained, 180)
+    try:
+        wait_for("every message acked and every crashed lease re-acked", drained, 150)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; workload: {queue.progress()}; queue state on "
+                             f"{cluster.live()[0].name}: {last.get('state')}") from None
     queue.stop()
     states = [queue_state(n.url, QUEUE) for n in cluster.nodes]
     return str(check(queue.history, QUEUE_TOTAL, states, int(VISIBILITY_S * 1000)))

@@ -41,6 +41,7 @@ def test_queue_2000_messages_leader_killed_twice(cluster3: LocalCluster) -> None
         failovers.append(_kill_leader_and_restart(cluster3))
 
         def drained() -> bool | None:
+            load.raise_if_broken()
             if not load.producers_done:
                 return None
             live = cluster3.live()

@@ -49,6 +49,7 @@ class QueueHistory:
     stale_rejected: int = 0
     stale_accepted: list[str] = field(default_factory=list)
     lease_errors: Counter[str] = field(default_factory=Counter)
+    thread_errors: list[str] = field(default_factory=list)   # a producer/consumer died
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def ok_acks(self) -> int:
@@ -73,10 +74,11 @@ class QueueWorkload:
         self.batch = batch
         self.history = QueueHistory()
         self._stop = threading.Event()
-        self._producers = [threading.Thread(target=self._produce, args=(p, producers),
+        self._producers = [threading.Thread(target=self._guarded, args=(self._produce, p,
+                                                                       producers),
                                             daemon=True) for p in range(producers)]
-        self._consumers = [threading.Thread(target=self._consume, args=(c,), daemon=True)
-                           for c in range(consumers)]
+        self._consumers = [threading.Thread(target=self._guarded, args=(self._consume, c),
+                                            daemon=True) for c in range(consumers)]
 
     def __enter__(self) -> QueueWorkload:
         for t in self._producers + self._consumers:
@@ -90,6 +92,28 @@ class QueueWorkload:
         self._stop.set()
         for t in self._producers + self._consumers:
             t.join(timeout=30)
+
+    def _guarded(self, body: Any, *args: Any) -> None:
+        """Run a worker; record why it died, so a waiting test fails with the reason
+        instead of waiting out its deadline."""
+        try:
+            body(*args)
+        except BaseException as exc:
+            with self.history.lock:
+                self.history.thread_errors.append(f"{body.__name__}{args}: {exc!r}")
+
+    def raise_if_broken(self) -> None:
+        if self.history.thread_errors:
+            raise AssertionError(f"queue workload threads died: {self.history.thread_errors}")
+
+    def progress(self) -> str:
+        """What a waiting test reports when it times out."""
+        h = self.history
+        with h.lock:
+            return (f"enqueued {len(h.enqueued)}/{self.total}, ok acks {len(h.ok_lease)}, "
+                    f"producers done {self.producers_done}, crashed leases "
+                    f"{h.stale_rejected + len(h.stale_accepted)}/{h.crashed_total} answered, "
+                    f"lease errors {dict(h.lease_errors)}")
 
     @property
     def producers_done(self) -> bool:

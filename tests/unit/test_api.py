@@ -656,3 +656,13 @@ async def test_cancellation_is_not_turned_into_a_response() -> None:
 
     with pytest.raises(asyncio.CancelledError):
         await error_envelope(make_mocked_request("GET", "/v1/events", app=app), cancelled)
+
+
+def test_state_machine_internal_error_is_a_500_not_a_client_mistake() -> None:
+    from flexcore.errors import CommandRejected
+    from flexcore.service import unwrap
+    from flexcore.statemachine import Err
+    for code, status in (("internal", 500), ("invalid", 400), ("lease_expired", 409)):
+        with pytest.raises(CommandRejected) as info:
+            unwrap(Err(code, "x"))
+        assert info.value.status == status and info.value.code == code
