@@ -48,7 +48,8 @@ class QueueHistory:
     crashed_total: int = 0
     stale_rejected: int = 0
     stale_accepted: list[str] = field(default_factory=list)
-    lease_errors: Counter[str] = field(default_factory=Counter)
+    lease_errors: Counter[str] = field(default_factory=Counter)     # "node code" -> n
+    ack_errors: Counter[str] = field(default_factory=Counter)       # "node code" -> n
     thread_errors: list[str] = field(default_factory=list)   # a producer/consumer died
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -113,7 +114,7 @@ class QueueWorkload:
             return (f"enqueued {len(h.enqueued)}/{self.total}, ok acks {len(h.ok_lease)}, "
                     f"producers done {self.producers_done}, crashed leases "
                     f"{h.stale_rejected + len(h.stale_accepted)}/{h.crashed_total} answered, "
-                    f"lease errors {dict(h.lease_errors)}")
+                    f"lease errors {dict(h.lease_errors)}, ack errors {dict(h.ack_errors)}")
 
     @property
     def producers_done(self) -> bool:
@@ -129,14 +130,26 @@ class QueueWorkload:
 
     def _post(self, preferred: int, path: str, body: Any,
               timeout: float = 10.0) -> tuple[int, Any]:
+        code, body, _url = self._post_to(preferred, path, body, timeout)
+        return code, body
+
+    def _post_to(self, preferred: int, path: str, body: Any,
+                 timeout: float = 10.0) -> tuple[int, Any, str]:
+        """POST to the preferred node (or a live one); also say which node answered."""
         url = self._node_url(preferred)
         if url is None:
-            return 0, None
+            return 0, None, "none"
         try:
-            return http_json("POST", f"{url}/v1/queues/{self.queue}{path}", body,
-                             timeout=timeout)
+            code, answer = http_json("POST", f"{url}/v1/queues/{self.queue}{path}", body,
+                                     timeout=timeout)
+            return code, answer, url
         except OSError:
-            return 0, None
+            return 0, None, url
+
+    def _count_error(self, counter: Counter[str], url: str, code: int, body: Any) -> None:
+        what = body.get("error", {}).get("code") if isinstance(body, dict) else None
+        with self.history.lock:
+            counter[f"{url} {code} {what or ''}".strip()] += 1
 
     # -- producers -------------------------------------------------------------------
 
@@ -165,12 +178,12 @@ class QueueWorkload:
         name = f"consumer{c}"
         while not self._stop.is_set():
             self._ack_crashed(c)
-            code, body = self._post(c, "/lease", {"consumer": name, "max": self.batch,
-                                                  "visibility_s": VISIBILITY_S,
-                                                  "wait_s": 1.0})
+            code, body, url = self._post_to(c, "/lease", {"consumer": name,
+                                                          "max": self.batch,
+                                                          "visibility_s": VISIBILITY_S,
+                                                          "wait_s": 1.0})
             if code != 200:
-                with h.lock:
-                    h.lease_errors[str(code)] += 1
+                self._count_error(h.lease_errors, url, code, body)
                 self._stop.wait(0.05)
                 continue
             for m in body["messages"]:
@@ -189,7 +202,7 @@ class QueueWorkload:
         h = self.history
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            code, body = self._post(c, "/ack", {"lease_id": d.lease_id})
+            code, body, url = self._post_to(c, "/ack", {"lease_id": d.lease_id})
             if code == 200:
                 with h.lock:
                     h.acks[d.msg_id].append("ok")
@@ -201,6 +214,7 @@ class QueueWorkload:
                     h.acks[d.msg_id].append("stale")
                 return
             assert code == 0 or code >= 500, (code, body)
+            self._count_error(h.ack_errors, url, code, body)
             with h.lock:   # outcome unknown: retry with the same lease id
                 h.acks[d.msg_id].append("unknown")
             self._stop.wait(0.1)
@@ -214,7 +228,7 @@ class QueueWorkload:
             h.crashed = [x for x in h.crashed if x[1] + 100 >= now_ms]
         for lease_id, _expires in due:
             while not self._stop.is_set():
-                code, _ = self._post(c, "/ack", {"lease_id": lease_id})
+                code, body, url = self._post_to(c, "/ack", {"lease_id": lease_id})
                 if code == 409:
                     with h.lock:
                         h.stale_rejected += 1
@@ -223,6 +237,7 @@ class QueueWorkload:
                     with h.lock:
                         h.stale_accepted.append(lease_id)
                     break
+                self._count_error(h.ack_errors, url, code, body)
                 self._stop.wait(0.1)
 
 
