@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from flexcore.cluster import http_json, wait_for
+from flexcore.testing.receiver import BatchReceiver
 from tests.support.docker_cluster import DockerCluster
-from tests.support.receiver import BatchReceiver
 
 SHIPPED = {"postgres-extractor": "extractor", "json-transformer": "transformer",
            "api-loader": "loader"}

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from flexcore.cluster import LocalCluster, http_json, wait_for
-from tests.support.receiver import BatchReceiver
+from flexcore.testing.receiver import BatchReceiver
 
 from .conftest import ClusterFactory
 

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from flexcore.cluster import http_json, wait_for
 from flexcore.plugins.host import PluginHost
-from tests.support.receiver import BatchReceiver
+from flexcore.testing.receiver import BatchReceiver
 
 from .conftest import ClusterFactory
 from .test_pipelines import final_run

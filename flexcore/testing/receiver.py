@@ -1,9 +1,16 @@
-"""A batch receiver for pipeline tests: an aiohttp app in a background thread that
-records every POSTed batch and deduplicates by ``Idempotency-Key``, as a receiver of
-at-least-once batches should."""
+"""A batch receiver for the ``api-loader`` plugin: records every POSTed batch and
+deduplicates by ``Idempotency-Key``, as a receiver of at-least-once batches should.
+
+Tests run it in a background thread (`BatchReceiver.start`). ``python -m
+flexcore.testing.receiver --port 8200`` serves it as the ETL demo's sink
+(docker/compose.yml): ``POST /batches`` takes what ``api-loader`` sends, ``GET /batches``
+answers ``{batches, deliveries, duplicates, rows}`` (counts; ``?rows=true`` adds the
+accepted rows).
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import threading
 from dataclasses import dataclass, field
@@ -55,6 +62,22 @@ class BatchReceiver:
                 self.accepted[key] = body["rows"]
         return web.json_response({"key": key, "duplicate": duplicate})
 
+    async def _summary(self, request: web.Request) -> web.Response:
+        with self._lock:
+            body: dict[str, Any] = {
+                "batches": len(self.accepted), "deliveries": len(self.deliveries),
+                "duplicates": sum(d.duplicate for d in self.deliveries),
+                "rows": sum(len(rows) for rows in self.accepted.values())}
+            if request.query.get("rows") == "true":
+                body["accepted"] = [row for rows in self.accepted.values() for row in rows]
+        return web.json_response(body)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/batches", self._handle)
+        app.router.add_get("/batches", self._summary)
+        return app
+
     def rows(self) -> list[dict[str, Any]]:
         """Every accepted (deduplicated) row."""
         with self._lock:
@@ -75,9 +98,7 @@ class BatchReceiver:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/batches", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.host, self.port)
@@ -93,3 +114,20 @@ class BatchReceiver:
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flexcore.testing.receiver",
+                                     description="Serve a batch receiver for api-loader.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8200)
+    args = parser.parse_args(argv)
+    receiver = BatchReceiver(host=args.host, port=args.port)
+    web.run_app(receiver.app(), host=args.host, port=args.port, access_log=None,
+                print=lambda *a: print(f"batch receiver on http://{args.host}:{args.port}"
+                                       "/batches", flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
