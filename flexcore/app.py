@@ -190,11 +190,12 @@ class FlexCore:
 
     def worker(self, queue: str, *, concurrency: int = 1, visibility_s: float | None = None,
                max_attempts: int | None = None, backoff_s: float = 1.0,
-               max_backoff_s: float = 300.0) -> Callable[[Handler], Handler]:
+               max_backoff_s: float = 300.0,
+               extend_leases: bool = True) -> Callable[[Handler], Handler]:
         """Decorator: run ``async def handler(message)`` on messages of ``queue`` with
         ``concurrency`` loops on this node, from start to stop. Success acks the
-        message; an exception nacks it with exponential backoff (see `Worker`). Register
-        before the app starts."""
+        message; an exception nacks it with exponential backoff; the lease is extended
+        while the handler runs (see `Worker`). Register before the app starts."""
         if self.started:
             raise RuntimeError("register workers before the app starts")
         if not QUEUE_NAME.fullmatch(queue):
@@ -206,7 +207,8 @@ class FlexCore:
             self.workers.append(Worker(queue, handler, concurrency=concurrency,
                                        visibility_s=visibility_s, max_attempts=max_attempts,
                                        backoff_s=backoff_s, max_backoff_s=max_backoff_s,
-                                       consumer=f"{self.settings.self_addr}/{queue}"))
+                                       consumer=f"{self.settings.self_addr}/{queue}",
+                                       extend_leases=extend_leases))
             return handler
         return register
 

@@ -131,6 +131,14 @@ class QueueService:
         value, _ = await self.services.propose("queue.nack", body)
         return value
 
+    async def extend(self, queue: str, lease_id: str, *,
+                     visibility_s: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"queue": queue, "lease_id": lease_id}
+        if visibility_s is not None:
+            body["visibility_ms"] = _ms(visibility_s)
+        value, _ = await self.services.propose("queue.extend", body)
+        return value
+
     async def configure(self, queue: str, *, visibility_s: float | None = None,
                         max_deliveries: int | None = None,
                         dedup_window_s: float | None = None) -> dict[str, Any]:
@@ -251,6 +259,13 @@ class Message:
         """Give the message back: ready now, or after ``delay_s``."""
         await self._client.nack(self.queue, self.lease_id, delay_s=delay_s, error=error)
 
+    async def extend(self, visibility_s: float | None = None) -> None:
+        """Keep the lease for ``visibility_s`` (default: the queue's) from now; updates
+        `expires_at_ms`. Raises `CommandRejected` (``lease_expired``) when it already
+        ended."""
+        out = await self._client.extend(self.queue, self.lease_id, visibility_s=visibility_s)
+        self.expires_at_ms = int(out["expires_at"])
+
 
 class Queues:
     """``app.queues``: the queue API of the embedded node (usable once it started)."""
@@ -279,6 +294,10 @@ class Queues:
     async def nack(self, queue: str, lease_id: str, *, delay_s: float = 0.0,
                    error: str | None = None) -> None:
         await self._service().nack(queue, lease_id, delay_s=delay_s, error=error)
+
+    async def extend(self, queue: str, lease_id: str, *,
+                     visibility_s: float | None = None) -> dict[str, Any]:
+        return await self._service().extend(queue, lease_id, visibility_s=visibility_s)
 
     async def configure(self, queue: str, *, visibility_s: float | None = None,
                         max_deliveries: int | None = None,
@@ -326,7 +345,10 @@ class Worker:
     message, awaiting ``handler(message)``, then acking it; on an exception the message
     is nacked with backoff ``min(backoff_s * 2 ** (attempt - 1), max_backoff_s)`` and
     the exception text as its error. With ``max_attempts`` the queue's
-    ``max_deliveries`` is set to it when the worker starts."""
+    ``max_deliveries`` is set to it when the worker starts. While a handler runs, its
+    lease is extended every third of the visibility timeout (``extend_leases``), so a
+    handler slower than the timeout is not redelivered to another consumer meanwhile;
+    the extensions stop when the handler returns, raises, or this node stops."""
 
     queue: str
     handler: Handler
@@ -336,6 +358,7 @@ class Worker:
     backoff_s: float = 1.0
     max_backoff_s: float = 300.0
     consumer: str = "worker"
+    extend_leases: bool = True
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
     handled: int = 0
     failed: int = 0
@@ -376,11 +399,15 @@ class Worker:
                 await asyncio.sleep(1.0)
 
     async def _handle(self, message: Message) -> None:
+        keeper = (asyncio.create_task(self._keep_lease(message),
+                                      name=f"lease keeper {message.id}")
+                  if self.extend_leases else None)
         try:
             await self.handler(message)
         except asyncio.CancelledError:
             raise   # stopping: the lease expires and the message is redelivered
         except Exception as exc:
+            await _stop_keeper(keeper)
             self.failed += 1
             delay = min(self.backoff_s * 2 ** (message.attempt - 1), self.max_backoff_s)
             log.warning("handler for %s failed on message %s (attempt %d): %r; "
@@ -388,8 +415,35 @@ class Worker:
                         exc, delay)
             await _settle(message.nack(delay_s=delay, error=repr(exc)[:2000]), message)
         else:
+            await _stop_keeper(keeper)
             self.handled += 1
             await _settle(message.ack(), message)
+        finally:
+            await _stop_keeper(keeper)
+
+    async def _keep_lease(self, message: Message) -> None:
+        """Extend ``message``'s lease at a third of its visibility timeout, until
+        cancelled or the lease is gone."""
+        visibility = self.visibility_s or (message.expires_at_ms / 1000 - time.time())
+        interval = max(visibility / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await message.extend(self.visibility_s)
+            except CommandRejected as exc:
+                log.warning("message %s: lease lost while its handler runs (%s); it will "
+                            "be delivered again", message.id, exc.message)
+                return
+            except FlexCoreError as exc:
+                log.info("message %s: lease extension not confirmed (%s); retrying",
+                         message.id, exc.message)
+
+
+async def _stop_keeper(keeper: asyncio.Task[None] | None) -> None:
+    if keeper is not None and not keeper.done():
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
 
 
 async def _settle(call: Awaitable[None], message: Message) -> None:

@@ -35,6 +35,7 @@ _ENQUEUE = frozenset({"body", "priority", "delay_s", "deliver_at", "dedup_id"})
 _LEASE = frozenset({"consumer", "max", "visibility_s", "wait_s"})
 _ACK = frozenset({"lease_id"})
 _NACK = frozenset({"lease_id", "delay_s", "error"})
+_EXTEND = frozenset({"lease_id", "visibility_s"})
 _OPTIONS = frozenset({"visibility_s", "max_deliveries", "dedup_window_s"})
 _REDRIVE = frozenset({"max"})
 
@@ -54,6 +55,9 @@ class QueueBackend(Protocol):
 
     async def nack(self, queue: str, lease_id: str, *, delay_s: float | None = None,
                    error: str | None = None) -> dict[str, Any]: ...
+
+    async def extend(self, queue: str, lease_id: str, *,
+                     visibility_s: float | None = None) -> dict[str, Any]: ...
 
     async def configure(self, queue: str, *, visibility_s: float | None = None,
                         max_deliveries: int | None = None,
@@ -81,6 +85,7 @@ def add_queue_routes(app: web.Application, service: QueueBackend) -> None:
     app.router.add_post("/v1/queues/{q}/lease", r.lease)
     app.router.add_post("/v1/queues/{q}/ack", r.ack)
     app.router.add_post("/v1/queues/{q}/nack", r.nack)
+    app.router.add_post("/v1/queues/{q}/extend", r.extend)
     app.router.add_get("/v1/queues/{q}/dead", r.dead)
     app.router.add_delete("/v1/queues/{q}/dead", r.purge_dead)
     app.router.add_post("/v1/queues/{q}/dead/redrive", r.redrive)
@@ -224,6 +229,15 @@ class _QueueRoutes:
         error = _str(obj, "error", MAX_ERROR_CHARS, allow_empty=True)
         return web.json_response(await self._s.nack(name, lease_id, delay_s=delay,
                                                     error=error))
+
+    async def extend(self, request: web.Request) -> web.Response:
+        name = queue_name(request)
+        obj = await _body(request, _EXTEND)
+        lease_id = _str(obj, "lease_id", 2 * MAX_ID_CHARS, required=True)
+        assert lease_id is not None
+        visibility = _number(obj, "visibility_s", MIN_VISIBILITY_S, MAX_VISIBILITY_S)
+        return web.json_response(await self._s.extend(name, lease_id,
+                                                      visibility_s=visibility))
 
     async def purge(self, request: web.Request) -> web.Response:
         return web.json_response(await self._s.purge(queue_name(request)))

@@ -50,9 +50,10 @@ Commands (``type``: body -> ``Ok`` value):
   (one active per pipeline: ``run_active``) and the per-pipeline checkpoint, moved one
   batch at a time by compare-and-set on its seq (``checkpoint_gap``); see ``pipelines``.
 - ``queue.enqueue`` / ``queue.lease`` / ``queue.ack`` / ``queue.nack`` /
-  ``queue.configure`` / ``queue.purge`` / ``queue.redrive``: durable queues (see
-  ``queues``). A stale ack/nack is refused with ``lease_expired``; purge/redrive of an
-  unknown queue with ``not_found`` (``validation.Refused`` carries such codes).
+  ``queue.extend`` / ``queue.configure`` / ``queue.purge`` / ``queue.redrive``: durable
+  queues (see ``queues``). A stale ack/nack/extend is refused with ``lease_expired``;
+  purge/redrive of an unknown queue with ``not_found`` (``validation.Refused`` carries
+  such codes).
 - ``schedule.put`` / ``schedule.delete`` / ``schedule.set_enabled`` /
   ``schedule.trigger`` / ``schedule.own`` / ``schedule.claim`` / ``schedule.fire_done``:
   timer schedules, the scheduler owner (node, term) and fenced fire claims (see

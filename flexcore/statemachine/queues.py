@@ -1,6 +1,7 @@
 """Durable work queues: ready / delayed / leased / dead messages, per named queue.
 
-Owns the ``queue.*`` commands (enqueue, lease, ack, nack, configure, purge, redrive)
+Owns the ``queue.*`` commands (enqueue, lease, ack, nack, extend, configure, purge,
+redrive)
 and the read side (``list_stats``, ``info``, ``dead``, ``wake_hint``). Pure data: time
 is the effective time the machine passes in (``ctx.now_ms``), ids come from counters
 kept in the state, so every node computes the same ids.
@@ -13,14 +14,15 @@ A message is in exactly one state:
   nack with a delay).
 - **leased**: handed to a consumer until ``due`` (lease time + visibility timeout) under
   a ``lease_id`` that names this one delivery. Ack removes the message; nack returns it
-  (now or after a delay); an expired lease returns it to ready. Each lease counts one
+  (now or after a delay); extend moves ``due`` (same lease, same attempt); an expired
+  lease returns it to ready. Each lease counts one
   ``attempt``; when a lease that was attempt ``max_deliveries`` ends in a nack or an
   expiry, the message moves to the queue's dead letters with its last error.
 - **dead**: kept (oldest first) until redriven (back to ready, attempts reset) or purged.
 
 No timer runs anywhere: time-driven moves (delayed -> ready, lease expiry) are applied
 lazily by the next command on that queue (``_promote``), using the command's effective
-time. An ack/nack whose lease is not the message's current, unexpired lease is refused
+time. An ack/nack/extend whose lease is not the message's current, unexpired lease is refused
 with ``lease_expired`` and changes nothing, so a late ack never acks a redelivery.
 
 Storage per queue: ``messages`` (id -> ``_Msg``, every live message), three heaps with
@@ -322,6 +324,7 @@ class QueueStore:
             "queue.lease": lambda body, ctx: self.lease(body, ctx.now_ms),
             "queue.ack": lambda body, ctx: self.ack(body, ctx.now_ms),
             "queue.nack": lambda body, ctx: self.nack(body, ctx.now_ms),
+            "queue.extend": lambda body, ctx: self.extend(body, ctx.now_ms),
             "queue.configure": lambda body, ctx: self.configure(body, ctx.now_ms),
             "queue.purge": lambda body, ctx: self.purge(body, ctx.now_ms),
             "queue.redrive": lambda body, ctx: self.redrive(body, ctx.now_ms),
@@ -439,6 +442,22 @@ class QueueStore:
         q.totals["acked"] += 1
         q.promote(now)
         return {"id": m.id}
+
+    def extend(self, body: Mapping[str, Any], now: int) -> dict[str, Any]:
+        """``{queue, lease_id, visibility_ms?}`` -> ``{id, lease_id, expires_at}``: the
+        current lease now ends ``visibility_ms`` (default: the queue's) after this
+        command - later or sooner, as SQS ChangeMessageVisibility. Same lease id, same
+        attempt: a consumer still working on a message keeps it."""
+        visibility = _optional_int(body, "visibility_ms", "body", minimum=MIN_VISIBILITY_MS,
+                                   maximum=MAX_VISIBILITY_MS)
+        q, m = self._held(body, now, ("visibility_ms",))
+        lease_id = m.lease_id
+        assert lease_id is not None
+        q.place(m, LEASED, now + (visibility if visibility is not None else q.visibility_ms))
+        m.lease_id = lease_id     # place() retired it with the old heap entry: restore
+        q.leases[lease_id] = m.id
+        q.promote(now)
+        return {"id": m.id, "lease_id": lease_id, "expires_at": m.due}
 
     def nack(self, body: Mapping[str, Any], now: int) -> dict[str, Any]:
         """``{queue, lease_id, delay_ms?, error?}`` -> ``{id, state}``: back to ready

@@ -62,6 +62,37 @@ async def test_worker_acks_retries_with_backoff_and_dead_letters(tmp_path: Path)
         assert worker.handled == 21 and worker.failed == 4
 
 
+async def test_worker_keeps_the_lease_of_a_handler_slower_than_visibility(
+        tmp_path: Path) -> None:
+    """A handler that runs 4x its visibility timeout: its lease is extended meanwhile,
+    so no other loop gets the message; with extensions off it is delivered again."""
+    app, _ = _app(tmp_path)
+    seen: dict[str, list[int]] = {"kept": [], "lost": []}
+
+    @app.worker("slow", concurrency=2, visibility_s=0.5)
+    async def slow(msg: Message) -> None:
+        seen["kept"].append(msg.attempt)
+        await asyncio.sleep(2.0)
+
+    @app.worker("slow-off", concurrency=2, visibility_s=0.5, extend_leases=False)
+    async def slow_off(msg: Message) -> None:
+        seen["lost"].append(msg.attempt)
+        await asyncio.sleep(2.0)
+
+    async with app:
+        await app.queues.enqueue("slow", "job")
+        await app.queues.enqueue("slow-off", "job")
+        await _until("the slow message acked", lambda: (app.queues.stats("slow") or {})
+                     .get("totals", {}).get("acked") == 1)
+        stats = app.queues.stats("slow")
+        assert stats is not None and app.workers[0].handled == 1
+        assert stats["totals"]["leased"] == 1 and stats["totals"]["expired"] == 0, stats
+        assert seen["kept"] == [1]
+        # Control: without extensions the second loop got it after 0.5 s.
+        await _until("the unextended message redelivered", lambda: len(seen["lost"]) >= 2)
+        assert seen["lost"][:2] == [1, 2]
+
+
 async def test_consume_long_poll_wakes_on_enqueue_and_delay(tmp_path: Path) -> None:
     app, _ = _app(tmp_path)
     async with app:
@@ -117,6 +148,28 @@ async def test_http_queue_api_and_prompt_stop(tmp_path: Path) -> None:
             assert code == 409 and err["error"]["code"] == "lease_expired"
             assert (await call("POST", "/v1/queues/q/ack", {"lease_id": m2["lease_id"]}))[0] \
                 == 200
+            # Extend: the lease outlives its first expiry; stale or malformed: refused.
+            await call("POST", "/v1/queues/q/messages", {"body": "slow"})
+            code, out = await call("POST", "/v1/queues/q/lease",
+                                   {"consumer": "c", "visibility_s": 0.5})
+            [slow] = out["messages"]
+            code, ext = await call("POST", "/v1/queues/q/extend",
+                                   {"lease_id": slow["lease_id"], "visibility_s": 5})
+            assert code == 200 and ext["lease_id"] == slow["lease_id"], ext
+            assert ext["expires_at"] >= slow["expires_at"] + 4000
+            await asyncio.sleep(max(0.0, slow["expires_at"] / 1000 - time.time()) + 0.1)
+            assert (await call("POST", "/v1/queues/q/lease", {"consumer": "d"}))[1] \
+                == {"messages": []}
+            for bad, field in (({}, "lease_id"), ({"lease_id": "x", "visibility_s": 0},
+                                                   "visibility_s"),
+                               ({"lease_id": "x", "delay_s": 1}, "delay_s")):
+                code, err = await call("POST", "/v1/queues/q/extend", bad)
+                assert code == 400 and field in err["error"]["message"], (bad, err)
+            assert (await call("POST", "/v1/queues/q/ack", {"lease_id": slow["lease_id"]}))[0] \
+                == 200
+            code, err = await call("POST", "/v1/queues/q/extend",
+                                   {"lease_id": slow["lease_id"]})
+            assert code == 409 and err["error"]["code"] == "lease_expired"
             code, listing = await call("GET", "/v1/queues")
             assert listing == {"queues": [{"name": "q", "ready": 0, "leased": 0,
                                            "delayed": 0, "dead": 0}]}

@@ -149,6 +149,62 @@ def test_stale_leases_are_rejected_and_change_nothing() -> None:
     assert q.sm.component("queues").to_snapshot() == before
 
 
+def test_extend_keeps_the_lease_and_moves_its_expiry() -> None:
+    q = Q()
+    mid = q.put("long job")
+    [m] = q.lease(visibility_ms=1000)
+    q.now += 900
+    out = q.ok("queue.extend", {"queue": "q", "lease_id": m["lease_id"],
+                                "visibility_ms": 5000})
+    assert out == {"id": mid, "lease_id": m["lease_id"], "expires_at": q.now + 5000}
+    q.now += 4000          # past the first expiry, before the new one
+    assert q.lease() == []
+    assert q.stats()["leased"] == 1 and q.stats()["totals"]["expired"] == 0
+    # Without visibility_ms: the queue's default; it may also shorten the lease.
+    q.ok("queue.configure", {"queue": "q", "options": {"visibility_ms": 2000}})
+    out = q.ok("queue.extend", {"queue": "q", "lease_id": m["lease_id"]})
+    assert out["expires_at"] == q.now + 2000
+    out = q.ok("queue.extend", {"queue": "q", "lease_id": m["lease_id"],
+                                "visibility_ms": 100})
+    assert out["expires_at"] == q.now + 100
+    # Same lease, same attempt: it still acks.
+    assert q.ack(m["lease_id"]) == {"id": mid}
+    assert q.stats()["totals"]["acked"] == 1 and q.stats()["totals"]["leased"] == 1
+
+
+def test_extend_of_a_stale_lease_is_refused_and_changes_nothing() -> None:
+    q = Q()
+    q.put("job")
+    [first] = q.lease(visibility_ms=1000)
+    q.now += 1000
+    snap = q.sm.component("queues").to_snapshot()
+    q.err("queue.extend", {"queue": "q", "lease_id": first["lease_id"]}, "lease_expired")
+    assert q.sm.component("queues").to_snapshot() == snap
+    [second] = q.lease(visibility_ms=1000)
+    assert second["attempt"] == 2
+    q.err("queue.extend", {"queue": "q", "lease_id": first["lease_id"]}, "lease_expired")
+    q.ack(second["lease_id"])
+    q.err("queue.extend", {"queue": "q", "lease_id": second["lease_id"]}, "lease_expired")
+    q.err("queue.extend", {"queue": "nope", "lease_id": "1.1"}, "lease_expired")
+
+
+def test_extended_lease_survives_a_snapshot() -> None:
+    q = Q()
+    q.put("a")
+    q.put("b")
+    leases = q.lease(n=2, visibility_ms=1000)
+    q.ok("queue.extend", {"queue": "q", "lease_id": leases[0]["lease_id"],
+                          "visibility_ms": 10_000})
+    restored = StateMachine()
+    restored.restore(q.sm.snapshot())
+    assert restored.snapshot() == q.sm.snapshot()
+    q.sm = restored
+    q.now += 2000          # b's lease expired, a's was extended
+    [again] = q.lease(n=2)
+    assert again["body"] == "b" and again["attempt"] == 2
+    q.ack(leases[0]["lease_id"])
+
+
 def test_refused_ack_changes_no_state() -> None:
     q = Q()
     q.put("job")
@@ -308,6 +364,9 @@ def test_invalid_bodies_name_the_field() -> None:
         ("queue.lease", {"queue": "q", "consumer": "c", "visibility_ms": 5}, "visibility_ms"),
         ("queue.lease", {"queue": "q"}, "body.consumer"),
         ("queue.nack", {"queue": "q", "lease_id": "x", "delay_ms": -1}, "delay_ms"),
+        ("queue.extend", {"queue": "q", "lease_id": "x", "visibility_ms": 5}, "visibility_ms"),
+        ("queue.extend", {"queue": "q"}, "lease_id"),
+        ("queue.extend", {"queue": "q", "lease_id": "x", "delay_ms": 5}, "unknown field"),
         ("queue.configure", {"queue": "q", "options": {"max_deliveries": 0}},
          "max_deliveries"),
         ("queue.configure", {"queue": "q", "options": {"other": 1}}, "unknown field"),
@@ -409,7 +468,7 @@ def test_snapshot_of_100k_messages_is_reasonable() -> None:
 # --- determinism under random commands ------------------------------------------------------
 
 _ops = st.lists(st.tuples(st.sampled_from(["put", "putd", "lease", "ack", "nack", "nackd",
-                                           "tick", "purge", "redrive", "stale"]),
+                                           "tick", "purge", "redrive", "stale", "extend"]),
                           st.integers(0, 10)), max_size=60)
 
 
@@ -444,6 +503,9 @@ def test_random_commands_snapshot_and_replay_identically(ops: list[tuple[str, in
             if op == "nackd":
                 body["delay_ms"] = 50 * n
             do("queue.ack" if op in ("ack", "stale") else "queue.nack", body)
+        elif op == "extend" and leases:
+            do("queue.extend", {"queue": "q", "lease_id": leases[n % len(leases)],
+                                "visibility_ms": 100 + 200 * n})
         elif op == "tick":
             q.now += 150 * n
         elif op == "purge":
