@@ -166,7 +166,10 @@ def _final_check(cluster: DockerCluster, writers: Writers, nemesis: Nemesis,
 
 TICK = "chaos-tick"
 QUEUE = "chaos"
-QUEUE_TOTAL = int(os.environ.get("FLEXCORE_CHAOS_MESSAGES", "1500"))
+# Producers are paced so the queue workload spans the whole fault sequence (about
+# 2 x 10 enqueues/s over ~100 s); the cap is never reached in a normal run.
+QUEUE_PACE_S = 0.1
+QUEUE_MAX = int(os.environ.get("FLEXCORE_CHAOS_MESSAGES", "20000"))
 
 
 def _start_timer(cluster: DockerCluster) -> None:
@@ -222,15 +225,14 @@ def _check_timer(cluster: DockerCluster) -> str:
 
 def _finish_queue(cluster: DockerCluster, queue: QueueWorkload) -> str:
     last: dict[str, Any] = {}
+    total = queue.finish_producing()
 
     def drained() -> bool | None:
         queue.raise_if_broken()
-        if not queue.producers_done:
-            return None
         live = cluster.live()
         code, body = http_json("GET", f"{live[0].url}/v1/queues/{QUEUE}", timeout=10)
         last["state"] = body
-        done = (code == 200 and body["totals"]["acked"] == QUEUE_TOTAL
+        done = (code == 200 and body["totals"]["acked"] == total
                 and (body["ready"], body["leased"], body["delayed"]) == (0, 0, 0))
         return True if done and queue.history.crashed_settled() else None
     try:
@@ -240,25 +242,31 @@ def _finish_queue(cluster: DockerCluster, queue: QueueWorkload) -> str:
                              f"{cluster.live()[0].name}: {last.get('state')}") from None
     queue.stop()
     states = [queue_state(n.url, QUEUE) for n in cluster.nodes]
-    return str(check(queue.history, QUEUE_TOTAL, states, int(VISIBILITY_S * 1000)))
+    return str(check(queue.history, total, states, int(VISIBILITY_S * 1000)))
 
 
 def test_workloads_survive_a_nemesis_sequence(docker_cluster3: DockerCluster,
                                               chaos_report: list[str]) -> None:
     cluster = docker_cluster3
     _start_timer(cluster)
-    queue = QueueWorkload(cluster, QUEUE, QUEUE_TOTAL, producers=2, consumers=3)
+    queue = QueueWorkload(cluster, QUEUE, QUEUE_MAX, producers=2, consumers=3,
+                          pace_s=QUEUE_PACE_S)
     with queue, Writers(cluster, n=3, timeout=8) as writers:
         nemesis = Nemesis(cluster, writers.history)
         plan: list[Callable[[], None]] = [
             nemesis.kill_leader, nemesis.kill_follower, nemesis.pause_leader,
             nemesis.partition_leader, nemesis.split_1_2, nemesis.slow_network]
-        for _ in range(ROUNDS):
+        last_round = 0.0
+        for r in range(ROUNDS):
+            if r == ROUNDS - 1:
+                last_round = time.monotonic()
             for fault in plan:
                 fault()
                 # Progress between faults: the workload commits again.
                 _wait_more_writes(writers, 1, "writes after healing")
         writers.stop()
+        # The queue workload ran through the whole sequence, not just its start.
+        assert queue.history.last_enqueue > last_round, "the queue producers stopped early"
         queue_figures = _finish_queue(cluster, queue)
     _pause_timer(cluster)
     timer_figures = _check_timer(cluster)   # waits until every claimed fire completed

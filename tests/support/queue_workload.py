@@ -39,6 +39,7 @@ class Delivery:
 @dataclass
 class QueueHistory:
     enqueued: dict[str, str] = field(default_factory=dict)          # cid -> message id
+    last_enqueue: float = 0.0                                         # monotonic time
     enqueue_retries: int = 0
     deliveries: list[Delivery] = field(default_factory=list)
     acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -64,17 +65,25 @@ class QueueHistory:
 
 
 class QueueWorkload:
-    """``producers`` threads enqueue ``total`` messages; ``consumers`` threads consume."""
+    """``producers`` threads enqueue ``total`` messages; ``consumers`` threads consume.
+
+    With ``pace_s``, each producer waits that long after each enqueue, so producing
+    spans a long fault sequence; `finish_producing` then ends it early: each producer
+    completes the message it is on (retrying until acknowledged) and stops. `total`
+    then becomes the number actually enqueued."""
 
     def __init__(self, cluster: ClusterObserver, queue: str, total: int, *, producers: int = 4,
-                 consumers: int = 4, crash_every: int = 50, batch: int = 10) -> None:
+                 consumers: int = 4, crash_every: int = 50, batch: int = 10,
+                 pace_s: float = 0.0) -> None:
         self.cluster = cluster
         self.queue = queue
         self.total = total
         self.crash_every = crash_every
         self.batch = batch
+        self.pace_s = pace_s
         self.history = QueueHistory()
         self._stop = threading.Event()
+        self._finish = threading.Event()
         self._producers = [threading.Thread(target=self._guarded, args=(self._produce, p,
                                                                        producers),
                                             daemon=True) for p in range(producers)]
@@ -120,6 +129,15 @@ class QueueWorkload:
     def producers_done(self) -> bool:
         return not any(t.is_alive() for t in self._producers)
 
+    def finish_producing(self, timeout: float = 60.0) -> int:
+        """Stop enqueueing new messages; wait for the producers; return the total."""
+        self._finish.set()
+        for t in self._producers:
+            t.join(timeout)
+        assert self.producers_done, "producers did not finish their last enqueue"
+        self.total = len(self.history.enqueued)
+        return self.total
+
     def _node_url(self, preferred: int) -> str | None:
         live = self.cluster.live()
         nodes = self.cluster.nodes
@@ -156,6 +174,8 @@ class QueueWorkload:
     def _produce(self, p: int, producers: int) -> None:
         h = self.history
         for n in range(p, self.total, producers):
+            if self._finish.is_set():
+                return
             cid = f"c{n}"
             attempt = 0
             while not self._stop.is_set():
@@ -164,12 +184,15 @@ class QueueWorkload:
                 if code == 201:
                     with h.lock:
                         h.enqueued[cid] = body["id"]
+                        h.last_enqueue = time.monotonic()
                     break
                 attempt += 1
                 with h.lock:
                     h.enqueue_retries += 1
                 assert code == 0 or code >= 500, (code, body)   # never a 4xx
                 self._stop.wait(0.05)
+            if self.pace_s:
+                self._finish.wait(self.pace_s)
 
     # -- consumers -------------------------------------------------------------------
 
