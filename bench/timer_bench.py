@@ -104,9 +104,10 @@ def bench_failover(cluster: LocalCluster, kills: int, interval_s: float) -> dict
         i = cluster.leader_index(timeout=30)
         old = cluster.nodes[i]
         st = cluster.status(i) or {}
-        wait_for("probe fires from the leader",
-                 lambda old=old: True if any(f["node"] == old.raft for f in
-                                             _fires(cluster, "probe")[-3:]) else None, 30)
+        def leader_fired(raft: str = old.raft) -> bool | None:
+            return True if any(f["node"] == raft for f in _fires(cluster, "probe")[-3:]) \
+                else None
+        wait_for("probe fires from the leader", leader_fired, 30)
         t_kill = int(time.time() * 1000)
         cluster.kill(i)
         new = cluster.wait_leader(timeout=30, among=[n.index for n in cluster.nodes

@@ -101,8 +101,10 @@ class NodeProcess:
 
 class NodeLike(Protocol):
     index: int
-    raft: str
     paused: bool
+
+    @property
+    def raft(self) -> str: ...
 
     @property
     def url(self) -> str: ...

@@ -99,7 +99,7 @@ def test_load_balancing_spreads_and_drops_dead_nodes(docker_cluster3: DockerClus
     c.kill(victim)
     # HAProxy checks /ready every 500 ms and takes a node out after 2 failures.
     def only_live() -> bool | None:
-        seen = collections.Counter()
+        seen: collections.Counter[str] = collections.Counter()
         for _ in range(12):
             code, body = http_json("GET", c.lb_url + "/v1/cluster", timeout=3)
             if code != 200:

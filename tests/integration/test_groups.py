@@ -61,7 +61,7 @@ def _stable(app: FlexCore, group: str, members: int) -> bool:
 
 def _drained(app: FlexCore, group: str) -> bool:
     try:
-        return app.groups.info(group)["lag"] == 0
+        return bool(app.groups.info(group)["lag"] == 0)
     except Exception:
         return False
 

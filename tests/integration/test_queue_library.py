@@ -160,11 +160,12 @@ async def test_http_queue_api_and_prompt_stop(tmp_path: Path) -> None:
             await asyncio.sleep(max(0.0, slow["expires_at"] / 1000 - time.time()) + 0.1)
             assert (await call("POST", "/v1/queues/q/lease", {"consumer": "d"}))[1] \
                 == {"messages": []}
-            for bad, field in (({}, "lease_id"), ({"lease_id": "x", "visibility_s": 0},
-                                                   "visibility_s"),
-                               ({"lease_id": "x", "delay_s": 1}, "delay_s")):
-                code, err = await call("POST", "/v1/queues/q/extend", bad)
-                assert code == 400 and field in err["error"]["message"], (bad, err)
+            bad_extends: list[tuple[dict[str, Any], str]] = [
+                ({}, "lease_id"), ({"lease_id": "x", "visibility_s": 0}, "visibility_s"),
+                ({"lease_id": "x", "delay_s": 1}, "delay_s")]
+            for bad_ext, what in bad_extends:
+                code, err = await call("POST", "/v1/queues/q/extend", bad_ext)
+                assert code == 400 and what in err["error"]["message"], (bad_ext, err)
             assert (await call("POST", "/v1/queues/q/ack", {"lease_id": slow["lease_id"]}))[0] \
                 == 200
             code, err = await call("POST", "/v1/queues/q/extend",

@@ -4,6 +4,7 @@ leader and one SIGSTOP/SIGCONT of it, then every invariant checked from every no
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import threading
 import time
@@ -99,7 +100,7 @@ def test_timer_fires_once_per_fire_time_through_kills_and_a_pause(
                 paused.update(node=old.raft, term=st["term"], at_ms=t0)
             new = cluster.wait_leader(timeout=15, among=others)
             wait_for(f"a fire by the new leader {new}",
-                     lambda new=new, t0=t0: fired_by(cluster, new, t0), 15)
+                     functools.partial(fired_by, cluster, new, t0), 15)
             failovers.append({"what": what, "old": old.raft, "old_term": st["term"],
                               "new": new, "at_ms": t0})
             if what == "kill":

@@ -83,7 +83,7 @@ def ensure_image(client: docker.DockerClient) -> str:
     for old in client.images.list(name="flexcore"):
         if all(t.startswith("flexcore:src-") and t != tag for t in old.tags):
             with contextlib.suppress(docker.errors.APIError):  # still used: keep it
-                client.images.remove(old.id)
+                client.images.remove(str(old.id))
     return tag
 
 
@@ -204,7 +204,7 @@ class DockerCluster(ClusterObserver):
             self.image, name=node.name, hostname=f"node{node.index + 1}",
             environment=env, labels={LABEL: self.run_id}, cap_add=["NET_ADMIN"],
             detach=True)
-        self.client.api.disconnect_container_from_network(container.id, "bridge")
+        self.client.api.disconnect_container_from_network(str(container.id), "bridge")
         self.network.connect(container, ipv4_address=node.ip,
                              aliases=[f"node{node.index + 1}"])
         container.start()
@@ -234,7 +234,7 @@ class DockerCluster(ClusterObserver):
                         "exec haproxy -f /tmp/haproxy.cfg"],
             environment={"HAPROXY_CFG": config}, user="root", healthcheck={"test": ["NONE"]},
             detach=True)
-        self.client.api.disconnect_container_from_network(container.id, "bridge")
+        self.client.api.disconnect_container_from_network(str(container.id), "bridge")
         self.network.connect(container, ipv4_address=f"{self.subnet_prefix}.5")
         container.start()
         self.haproxy = container
@@ -249,7 +249,7 @@ class DockerCluster(ClusterObserver):
                         "--port", str(WINDMILL_PORT), "--token", WINDMILL_TOKEN,
                         "--workspace", WINDMILL_WORKSPACE],
             healthcheck={"test": ["NONE"]}, detach=True)
-        self.client.api.disconnect_container_from_network(container.id, "bridge")
+        self.client.api.disconnect_container_from_network(str(container.id), "bridge")
         self.network.connect(container, ipv4_address=f"{self.subnet_prefix}.6",
                              aliases=["windmill"])
         container.start()

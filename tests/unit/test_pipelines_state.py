@@ -14,7 +14,7 @@ from flexcore.statemachine import Command, Err, Ok, Result, StateMachine
 _indices: weakref.WeakKeyDictionary[StateMachine, itertools.count[int]] = (
     weakref.WeakKeyDictionary())
 
-EXTRACTOR = {"plugin": "postgres-extractor",
+EXTRACTOR: dict[str, Any] = {"plugin": "postgres-extractor",
              "config": {"url": "sqlite:////tmp/x.db", "table": "t", "cursor_column": "id"}}
 LOADER = {"plugin": "api-loader", "config": {"url": "http://127.0.0.1:9/in"}}
 

@@ -28,8 +28,9 @@ BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
 
 
-def utc(*args: int) -> int:
-    return to_ms(datetime(*args, tzinfo=UTC))  # type: ignore[misc]
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0,
+        second: int = 0) -> int:
+    return to_ms(datetime(year, month, day, hour, minute, second, tzinfo=UTC))
 
 
 def local(ms: int, tz: ZoneInfo) -> str:
