@@ -142,6 +142,8 @@ class FlexNode:
         await self.workflow_runner.start()
         await self.pipeline_runner.start()
         log.info("node %s up: API %s", self.settings.self_addr, self.settings.advertised_api)
+        for warning in exposure_warnings(self.settings, host):
+            log.warning("%s", warning)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -202,3 +204,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def exposure_warnings(settings: Settings, api_host: str) -> list[str]:
+    """What an operator should hear at start-up about an open door (README: Security)."""
+    out: list[str] = []
+    others = [p for p in settings.peers if p != settings.self_addr]
+    if others and not settings.secret:
+        out.append("no --secret: anyone who can reach the Raft port "
+                   f"{settings.self_addr} can disrupt the cluster; set --secret "
+                   "(FLEXCORE_SECRET) unless that port is on a private network")
+    loopback = api_host.strip("[]") in ("127.0.0.1", "::1", "localhost")
+    if not loopback and not settings.api_token:
+        out.append(f"no --api-token: the API on {settings.api} accepts writes from anyone "
+                   "who can reach it; set --api-token (FLEXCORE_API_TOKEN)")
+    return out
