@@ -2,7 +2,8 @@
 
 Three workloads run while a nemesis injects faults one after another (kill -9 of the
 leader and of a follower, the leader frozen for 5 s, the leader cut from the majority,
-a 1|2 split, a slow network, and the whole cluster killed and restarted):
+a 1|2 split, a one-way cut (the leader hears nothing), a slow network, and the whole
+cluster killed and restarted):
 
 - writers publish events with unique ids to random live nodes;
 - producers enqueue messages (dedup id = client id) and consumers lease and ack them,
@@ -103,10 +104,15 @@ class Nemesis:
     def split_1_2(self) -> None:
         self._cut(self.rng.choice(self.followers(self.leader())), hold=3.0)
 
-    def _cut(self, victim: int, hold: float) -> None:
+    def leader_deaf(self) -> None:
+        """A one-way cut: the leader still sends to the others but hears nothing back
+        (no acks, no votes); the majority must replace it, and it must not commit."""
+        self._cut(self.leader(), hold=4.0, direction="in")
+
+    def _cut(self, victim: int, hold: float, direction: str = "both") -> None:
         others = self.followers(victim)
         t0 = time.monotonic()
-        self.c.cut(victim, others)
+        self.c.cut(victim, others, direction)
         entry = self.c.faults.entries[-1]
         t_cut = time.monotonic()
         self.recovered(t0, entry, among=others)
@@ -255,7 +261,8 @@ def test_workloads_survive_a_nemesis_sequence(docker_cluster3: DockerCluster,
         nemesis = Nemesis(cluster, writers.history)
         plan: list[Callable[[], None]] = [
             nemesis.kill_leader, nemesis.kill_follower, nemesis.pause_leader,
-            nemesis.partition_leader, nemesis.split_1_2, nemesis.slow_network]
+            nemesis.partition_leader, nemesis.split_1_2, nemesis.leader_deaf,
+            nemesis.slow_network]
         last_round = 0.0
         for r in range(ROUNDS):
             if r == ROUNDS - 1:
@@ -273,7 +280,7 @@ def test_workloads_survive_a_nemesis_sequence(docker_cluster3: DockerCluster,
     _final_check(cluster, writers, nemesis, chaos_report)
     chaos_report.append(f"queue: {queue_figures}")
     chaos_report.append(f"timer: {timer_figures}")
-    assert len(cluster.faults.entries) >= 6 * ROUNDS
+    assert len(cluster.faults.entries) >= len(plan) * ROUNDS
 
 
 def test_whole_cluster_killed_and_restarted_twice(docker_cluster3: DockerCluster,

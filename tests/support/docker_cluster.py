@@ -8,8 +8,8 @@ removed by `close()`, which the fixtures call on every exit path.
 
 Faults: ``kill`` (SIGKILL), ``stop``/``start``, ``pause``/``unpause`` (freeze),
 ``isolate``/``heal`` (network disconnect/connect: a node cut from everyone),
-``cut``/``uncut`` (iptables inside a node with NET_ADMIN: drop traffic from chosen
-peers), ``slow``/``unslow`` (tc token-bucket rate limit: netem is not in our kernels).
+``cut``/``uncut`` (iptables inside a node with NET_ADMIN: drop traffic with chosen
+peers, both ways or one way), ``slow``/``unslow`` (tc token-bucket rate limit: netem is not in our kernels).
 """
 
 from __future__ import annotations
@@ -360,14 +360,20 @@ class DockerCluster(ClusterObserver):
             raise RuntimeError(f"{' '.join(cmd)} on node {i} failed ({code}): {text}")
         return text
 
-    def cut(self, i: int, peers: Iterable[int]) -> None:
-        """Drop Raft traffic between node ``i`` and ``peers`` (both ways, from inside
-        ``i``); the API stays reachable, so the test still observes node ``i``."""
+    def cut(self, i: int, peers: Iterable[int], direction: str = "both") -> None:
+        """Drop traffic between node ``i`` and ``peers``, from inside ``i``: ``both``
+        ways, only what ``i`` receives (``in``: it still sends, they do not hear back),
+        or only what it sends (``out``). The API stays reachable from the test."""
+        assert direction in ("both", "in", "out"), direction
+        peers = list(peers)
         for j in peers:
             ip = self.nodes[j].ip
-            self._exec_root(i, ["iptables", "-A", "INPUT", "-s", ip, "-j", "DROP"])
-            self._exec_root(i, ["iptables", "-A", "OUTPUT", "-d", ip, "-j", "DROP"])
-        self.faults.add("cut", self.nodes[i].name, peers=[self.nodes[j].name for j in peers])
+            if direction in ("both", "in"):
+                self._exec_root(i, ["iptables", "-A", "INPUT", "-s", ip, "-j", "DROP"])
+            if direction in ("both", "out"):
+                self._exec_root(i, ["iptables", "-A", "OUTPUT", "-d", ip, "-j", "DROP"])
+        self.faults.add("cut" if direction == "both" else f"cut-{direction}",
+                        self.nodes[i].name, peers=[self.nodes[j].name for j in peers])
 
     def uncut(self, i: int) -> None:
         self._exec_root(i, ["iptables", "-F", "INPUT"])
