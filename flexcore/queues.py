@@ -437,6 +437,8 @@ class Worker:
             except FlexCoreError as exc:
                 log.info("message %s: lease extension not confirmed (%s); retrying",
                          message.id, exc.message)
+            except RuntimeError:
+                return   # the node stopped: the lease runs out and the message comes back
 
 
 async def _stop_keeper(keeper: asyncio.Task[None] | None) -> None:
