@@ -45,9 +45,12 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .di import Components
 from .errors import CommandRejected, ConsensusError, FlexCoreError, NotFound, ShuttingDown
@@ -70,12 +73,36 @@ def broadcast_group(name: str, node: str) -> str:
     return _UNSAFE.sub("_", f"{name}@{node}")[:128]
 
 
+class _GroupCollector(Collector):
+    """Per-group gauges from this node's applied state at scrape time: lag (events not
+    yet committed by the group), members and dead letters."""
+
+    def __init__(self, service: GroupService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterable[Metric]:
+        lag = GaugeMetricFamily("flexcore_group_lag", "Events above the group's committed "
+                                "offsets", labels=["group"])
+        members = GaugeMetricFamily("flexcore_group_members", "Members of the group",
+                                    labels=["group"])
+        dead = GaugeMetricFamily("flexcore_group_dead_letters", "Dead letters of the group",
+                                 labels=["group"])
+        for g in self._service.list_groups():
+            lag.add_metric([g["name"]], g["lag"])
+            members.add_metric([g["name"]], len(g["members"]))
+            dead.add_metric([g["name"]], g["dead"])
+        yield lag
+        yield members
+        yield dead
+
+
 class GroupService:
     """Consumer-group commands and reads for one node."""
 
     def __init__(self, services: NodeServices) -> None:
         self.services = services
         self.raft = services.raft
+        services.registry.register(_GroupCollector(self))
 
     @property
     def _store(self) -> ConsumerGroups:

@@ -24,9 +24,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .errors import CommandRejected, ConsensusError, FlexCoreError, NotFound
 from .service import NodeServices
@@ -61,6 +64,7 @@ class QueueService:
         self._waiters: dict[str, list[_Waiter]] = {}
         self._closed = False
         self.raft.add_change_listener(self._on_change)
+        services.registry.register(_QueueCollector(self))
 
     @property
     def _store(self) -> QueueStore:
@@ -232,6 +236,34 @@ class QueueService:
             for waiter in waiters:
                 if not waiter.future.done():
                     waiter.future.set_result(None)
+
+
+class _QueueCollector(Collector):
+    """Per-queue gauges read from this node's applied state at scrape time:
+    ``flexcore_queue_messages{queue, state}`` and the lifetime totals as
+    ``flexcore_queue_operations_total{queue, op}`` (enqueued, acked, expired, ...)."""
+
+    def __init__(self, service: QueueService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterable[Metric]:
+        messages = GaugeMetricFamily("flexcore_queue_messages",
+                                     "Messages in each queue by state", labels=["queue", "state"])
+        ops = CounterMetricFamily("flexcore_queue_operations",
+                                  "Lifetime queue operations (replicated: the same on every node)",
+                                  labels=["queue", "op"])
+        with self._service.raft.lock:
+            store = self._service._store
+            infos = [store.info(name) for name in store.list_stats()]
+        for info in infos:
+            if info is None:
+                continue
+            for state in ("ready", "leased", "delayed", "dead"):
+                messages.add_metric([info["name"], state], info[state])
+            for op, value in info["totals"].items():
+                ops.add_metric([info["name"], op], value)
+        yield messages
+        yield ops
 
 
 # --- library client --------------------------------------------------------------------

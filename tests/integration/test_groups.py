@@ -184,6 +184,12 @@ async def test_retries_dead_letters_and_redrive_through_the_api(tmp_path: Path) 
             async with http.get(f"{url}/v1/groups/pay") as resp:
                 info = await resp.json()
             assert info["lag"] == 0 and info["dead"] == 2 and len(info["members"]) == 3
+            async with http.get(f"{url}/metrics") as resp:
+                metrics = await resp.text()
+            for line in ('flexcore_group_lag{group="pay"} 0.0',
+                         'flexcore_group_members{group="pay"} 3.0',
+                         'flexcore_group_dead_letters{group="pay"} 2.0'):
+                assert line in metrics.splitlines(), line
             assert sum(len(m["partitions"]) for m in info["members"]) == 16
             broken["poison"] = False
             async with http.post(f"{url}/v1/groups/pay/dead/redrive", json={"max": 5}) \

@@ -60,6 +60,14 @@ async def test_worker_acks_retries_with_backoff_and_dead_letters(tmp_path: Path)
         assert dead["body"]["n"] == 200 and "smtp down (attempt 3)" in dead["error"]
         worker = app.workers[0]
         assert worker.handled == 21 and worker.failed == 4
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"{app.settings.advertised_api}/metrics") as resp:
+            metrics = (await resp.text()).splitlines()
+        for line in ('flexcore_queue_messages{queue="emails",state="ready"} 0.0',
+                     'flexcore_queue_messages{queue="emails",state="dead"} 1.0',
+                     'flexcore_queue_operations_total{op="acked",queue="emails"} 21.0',
+                     'flexcore_queue_operations_total{op="enqueued",queue="emails"} 22.0'):
+            assert line in metrics, (line, [m for m in metrics if "queue" in m])
 
 
 async def test_worker_keeps_the_lease_of_a_handler_slower_than_visibility(
