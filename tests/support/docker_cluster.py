@@ -9,7 +9,8 @@ removed by `close()`, which the fixtures call on every exit path.
 Faults: ``kill`` (SIGKILL), ``stop``/``start``, ``pause``/``unpause`` (freeze),
 ``isolate``/``heal`` (network disconnect/connect: a node cut from everyone),
 ``cut``/``uncut`` (iptables inside a node with NET_ADMIN: drop traffic with chosen
-peers, both ways or one way), ``slow``/``unslow`` (tc token-bucket rate limit: netem is not in our kernels).
+peers, both ways or one way), ``slow``/``unslow`` (tc token-bucket rate limit: netem
+is not in our kernels).
 """
 
 from __future__ import annotations
