@@ -145,8 +145,11 @@ class QueueService:
 
     async def configure(self, queue: str, *, visibility_s: float | None = None,
                         max_deliveries: int | None = None,
-                        dedup_window_s: float | None = None) -> dict[str, Any]:
+                        dedup_window_s: float | None = None,
+                        max_dead: int | None = None) -> dict[str, Any]:
         options: dict[str, Any] = {}
+        if max_dead is not None:
+            options["max_dead"] = max_dead
         if visibility_s is not None:
             options["visibility_ms"] = _ms(visibility_s)
         if max_deliveries is not None:
@@ -182,7 +185,8 @@ class QueueService:
             options = info.pop("options")
             info["options"] = {"visibility_s": options["visibility_ms"] / 1000,
                                "max_deliveries": options["max_deliveries"],
-                               "dedup_window_s": options["dedup_window_ms"] / 1000}
+                               "dedup_window_s": options["dedup_window_ms"] / 1000,
+                               "max_dead": options["max_dead"]}
         return info
 
     def dead(self, queue: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -333,10 +337,12 @@ class Queues:
 
     async def configure(self, queue: str, *, visibility_s: float | None = None,
                         max_deliveries: int | None = None,
-                        dedup_window_s: float | None = None) -> dict[str, Any]:
+                        dedup_window_s: float | None = None,
+                        max_dead: int | None = None) -> dict[str, Any]:
         return await self._service().configure(queue, visibility_s=visibility_s,
                                                max_deliveries=max_deliveries,
-                                               dedup_window_s=dedup_window_s)
+                                               dedup_window_s=dedup_window_s,
+                                               max_dead=max_dead)
 
     def stats(self, queue: str) -> dict[str, Any] | None:
         return self._service().info(queue)

@@ -36,7 +36,7 @@ _LEASE = frozenset({"consumer", "max", "visibility_s", "wait_s"})
 _ACK = frozenset({"lease_id"})
 _NACK = frozenset({"lease_id", "delay_s", "error"})
 _EXTEND = frozenset({"lease_id", "visibility_s"})
-_OPTIONS = frozenset({"visibility_s", "max_deliveries", "dedup_window_s"})
+_OPTIONS = frozenset({"visibility_s", "max_deliveries", "dedup_window_s", "max_dead"})
 _REDRIVE = frozenset({"max"})
 
 
@@ -61,7 +61,8 @@ class QueueBackend(Protocol):
 
     async def configure(self, queue: str, *, visibility_s: float | None = None,
                         max_deliveries: int | None = None,
-                        dedup_window_s: float | None = None) -> dict[str, Any]: ...
+                        dedup_window_s: float | None = None,
+                        max_dead: int | None = None) -> dict[str, Any]: ...
 
     async def purge(self, queue: str, *, dead: bool = False) -> dict[str, Any]: ...
 
@@ -182,9 +183,10 @@ class _QueueRoutes:
         visibility = _number(obj, "visibility_s", MIN_VISIBILITY_S, MAX_VISIBILITY_S)
         max_deliveries = _int(obj, "max_deliveries", 1, 10_000)
         window = _number(obj, "dedup_window_s", 0, 7 * 24 * 3600.0)
+        max_dead = _int(obj, "max_dead", 1, 1_000_000)
         return web.json_response(await self._s.configure(
             name, visibility_s=visibility, max_deliveries=max_deliveries,
-            dedup_window_s=window))
+            dedup_window_s=window, max_dead=max_dead))
 
     async def enqueue(self, request: web.Request) -> web.Response:
         name = queue_name(request)

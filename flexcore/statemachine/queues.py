@@ -15,9 +15,10 @@ A message is in exactly one state:
 - **leased**: handed to a consumer until ``due`` (lease time + visibility timeout) under
   a ``lease_id`` that names this one delivery. Ack removes the message; nack returns it
   (now or after a delay); extend moves ``due`` (same lease, same attempt); an expired
-  lease returns it to ready. Each lease counts one
-  ``attempt``; when a lease that was attempt ``max_deliveries`` ends in a nack or an
-  expiry, the message moves to the queue's dead letters with its last error.
+  lease returns it to ready. Each lease counts one ``attempt``; when a lease that was
+  attempt ``max_deliveries`` ends in a nack or an expiry, the message moves to the
+  queue's dead letters with its last error (at most ``max_dead`` are kept, default
+  10,000: the oldest are dropped first and counted in ``dead_dropped``).
 - **dead**: kept (oldest first) until redriven (back to ready, attempts reset) or purged.
 
 No timer runs anywhere: time-driven moves (delayed -> ready, lease expiry) are applied
@@ -73,13 +74,15 @@ _TS_MAX = 2**63 - 1
 
 DEFAULT_VISIBILITY_MS = 30_000
 DEFAULT_MAX_DELIVERIES = 20                   # as RabbitMQ 4 quorum queues
+DEFAULT_MAX_DEAD = 10_000                     # as consumer groups' dead letters
+MAX_DEAD_LIMIT = 1_000_000
 DEFAULT_DEDUP_WINDOW_MS = 300_000             # 5 minutes, as SQS FIFO
 
 READY, DELAYED, LEASED, DEAD = 0, 1, 2, 3
 _STATE_NAMES = ("ready", "delayed", "leased", "dead")
 _TOTALS = ("enqueued", "duplicates", "leased", "acked", "nacked", "expired",
-           "dead_lettered", "redriven", "purged")
-_OPTION_KEYS = ("visibility_ms", "max_deliveries", "dedup_window_ms")
+           "dead_lettered", "redriven", "purged", "dead_dropped")
+_OPTION_KEYS = ("visibility_ms", "max_deliveries", "dedup_window_ms", "max_dead")
 _EXPIRED_ERROR = "lease expired (visibility timeout)"
 
 
@@ -138,6 +141,7 @@ class _Queue:
         self.visibility_ms = DEFAULT_VISIBILITY_MS
         self.max_deliveries = DEFAULT_MAX_DELIVERIES
         self.dedup_window_ms = DEFAULT_DEDUP_WINDOW_MS
+        self.max_dead = DEFAULT_MAX_DEAD
         self.messages: dict[str, _Msg] = {}
         self.ready: list[tuple[int, int, str, int]] = []     # (-priority, seq, id, gen)
         self.delayed: list[tuple[int, int, str, int]] = []   # (due, seq, id, gen)
@@ -188,6 +192,13 @@ class _Queue:
         m.state, m.due, m.error = DEAD, now, error
         self.dead[m.id] = m
         self.totals["dead_lettered"] += 1
+        self.trim_dead()
+
+    def trim_dead(self) -> None:
+        """Keep at most ``max_dead`` dead letters: the oldest go first (counted)."""
+        while len(self.dead) > self.max_dead:
+            del self.dead[next(iter(self.dead))]
+            self.totals["dead_dropped"] += 1
 
     def promote(self, now: int) -> None:
         """Apply what time did: due delayed messages become ready, expired leases end."""
@@ -220,7 +231,7 @@ class _Queue:
 
     def options(self) -> dict[str, int]:
         return {"visibility_ms": self.visibility_ms, "max_deliveries": self.max_deliveries,
-                "dedup_window_ms": self.dedup_window_ms}
+                "dedup_window_ms": self.dedup_window_ms, "max_dead": self.max_dead}
 
     def counts_view(self) -> dict[str, int]:
         return {"ready": self.counts[READY], "leased": self.counts[LEASED],
@@ -257,7 +268,8 @@ def _check_options(body: Mapping[str, Any], where: str) -> dict[str, int]:
     check_keys(body, where, required=(), optional=_OPTION_KEYS)
     limits = {"visibility_ms": (MIN_VISIBILITY_MS, MAX_VISIBILITY_MS),
               "max_deliveries": (1, MAX_DELIVERIES_LIMIT),
-              "dedup_window_ms": (0, MAX_DEDUP_WINDOW_MS)}
+              "dedup_window_ms": (0, MAX_DEDUP_WINDOW_MS),
+              "max_dead": (1, MAX_DEAD_LIMIT)}
     return {key: require_int(body, key, where, minimum=lo, maximum=hi)
             for key, (lo, hi) in limits.items() if body.get(key) is not None}
 
@@ -490,6 +502,7 @@ class QueueStore:
         q.promote(now)
         for key, value in options.items():
             setattr(q, key, value)
+        q.trim_dead()
         return {"queue": name, "options": q.options()}
 
     def purge(self, body: Mapping[str, Any], now: int) -> dict[str, Any]:
@@ -549,7 +562,8 @@ class QueueStore:
             q = self._queues[name]
             queues.append({
                 "name": name,
-                "options": [q.visibility_ms, q.max_deliveries, q.dedup_window_ms],
+                "options": [q.visibility_ms, q.max_deliveries, q.dedup_window_ms,
+                            q.max_dead],
                 "totals": [q.totals[k] for k in _TOTALS],
                 "messages": [m.row() for m in sorted(q.messages.values(),
                                                      key=lambda m: m.seq)],
@@ -581,14 +595,17 @@ class QueueStore:
                 raise ValueError("a queue name is invalid or repeated")
             q = store._queues[name] = _Queue(name)
             opts, totals = raw["options"], raw["totals"]
-            if not (isinstance(opts, list) and len(opts) == 3
+            # Snapshots written before max_dead / dead_dropped existed have 3 options and
+            # 9 totals: they restore with the default and a zero.
+            if not (isinstance(opts, list) and len(opts) in (3, 4)
                     and all(type(v) is int for v in opts)):
-                raise ValueError(f"queue {name}: options must be 3 integers")
-            q.visibility_ms, q.max_deliveries, q.dedup_window_ms = opts
-            if not (isinstance(totals, list) and len(totals) == len(_TOTALS)
+                raise ValueError(f"queue {name}: options must be 4 integers")
+            q.visibility_ms, q.max_deliveries, q.dedup_window_ms = opts[:3]
+            q.max_dead = opts[3] if len(opts) == 4 else DEFAULT_MAX_DEAD
+            if not (isinstance(totals, list) and len(totals) in (len(_TOTALS) - 1, len(_TOTALS))
                     and all(type(v) is int for v in totals)):
                 raise ValueError(f"queue {name}: totals must be {len(_TOTALS)} integers")
-            q.totals = dict(zip(_TOTALS, totals, strict=True))
+            q.totals = dict(zip(_TOTALS, [*totals, 0][:len(_TOTALS)], strict=True))
             for row in _rows(raw["messages"]):
                 m = _Msg.from_row(row)
                 if m.state == DEAD or m.id in q.messages or m.seq >= store._next_seq:

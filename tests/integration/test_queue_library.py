@@ -183,8 +183,13 @@ async def test_http_queue_api_and_prompt_stop(tmp_path: Path) -> None:
             assert listing == {"queues": [{"name": "q", "ready": 0, "leased": 0,
                                            "delayed": 0, "dead": 0}]}
             code, info = await call("PUT", "/v1/queues/q", {"visibility_s": 5,
-                                                            "max_deliveries": 2})
-            assert code == 200 and info["options"]["visibility_s"] == 5.0
+                                                            "max_deliveries": 2,
+                                                            "max_dead": 50})
+            assert code == 200 and info["options"] == {
+                "visibility_s": 5.0, "max_deliveries": 2, "dedup_window_s": 300.0,
+                "max_dead": 50}
+            code, err = await call("PUT", "/v1/queues/q", {"max_dead": 0})
+            assert code == 400 and "max_dead" in err["error"]["message"], err
             for bad, field in (({"body": 1, "priority": 1.5}, "priority"),
                                ({"body": 1, "delay_s": -1}, "delay_s"),
                                ({"body": 1, "deliver_at": "tomorrow"}, "deliver_at"),

@@ -257,6 +257,37 @@ def test_max_deliveries_moves_to_dead_letters_with_last_error() -> None:
     assert dead["body"] == {"n": 1} and dead["died_at"] == q.now
 
 
+def test_dead_letters_are_capped_oldest_first_and_counted() -> None:
+    q = Q()
+    q.ok("queue.configure", {"queue": "q", "options": {"max_deliveries": 1, "max_dead": 3}})
+    for n in range(5):
+        q.put(n)
+    for m in q.lease(n=5):
+        assert q.nack(m["lease_id"], error=f"e{m['body']}")["state"] == "dead"
+    store = q.sm.component("queues")
+    assert [d["body"] for d in store.dead("q", 10)] == [2, 3, 4]   # 0 and 1 dropped
+    s = q.stats()
+    assert (s["dead"], s["totals"]["dead_lettered"], s["totals"]["dead_dropped"]) == (3, 5, 2)
+    # Lowering the cap trims at once; every message is still accounted for.
+    q.ok("queue.configure", {"queue": "q", "options": {"max_dead": 1}})
+    assert [d["body"] for d in store.dead("q", 10)] == [4]
+    assert q.stats()["totals"]["dead_dropped"] == 4
+    q.err("queue.configure", {"queue": "q", "options": {"max_dead": 0}}, "invalid")
+
+
+def test_a_snapshot_from_before_max_dead_restores_with_the_defaults() -> None:
+    q = Q()
+    q.put("a")
+    snap = q.sm.component("queues").to_snapshot()
+    [raw] = snap["queues"]
+    raw["options"], raw["totals"] = raw["options"][:3], raw["totals"][:-1]
+    restored = QueueStore.from_snapshot(snap)
+    info = restored.info("q")
+    assert info is not None
+    assert info["options"]["max_dead"] == 10_000 and info["totals"]["dead_dropped"] == 0
+    assert info["ready"] == 1 and info["totals"]["enqueued"] == 1
+
+
 def test_expiry_on_the_last_delivery_dead_letters() -> None:
     q = Q()
     q.ok("queue.configure", {"queue": "q", "options": {"max_deliveries": 2,
@@ -342,7 +373,7 @@ def test_configure_creates_and_reports_options() -> None:
     q = Q()
     value = q.ok("queue.configure", {"queue": "jobs", "options": {"visibility_ms": 2000}})
     assert value["options"] == {"visibility_ms": 2000, "max_deliveries": 20,
-                                "dedup_window_ms": 300_000}
+                                "dedup_window_ms": 300_000, "max_dead": 10_000}
     assert q.sm.component("queues").list_stats() == {
         "jobs": {"ready": 0, "leased": 0, "delayed": 0, "dead": 0}}
     q.put("x", queue="jobs")
@@ -480,7 +511,8 @@ def test_random_commands_snapshot_and_replay_identically(ops: list[tuple[str, in
     cmds: list[Command] = []
     q = Q()
     q.ok("queue.configure", {"queue": "q", "options": {"max_deliveries": 3,
-                                                       "visibility_ms": 1000}})
+                                                       "visibility_ms": 1000,
+                                                       "max_dead": 4}})
     leases: list[str] = []
     rng = random.Random(len(ops))
 
@@ -515,8 +547,10 @@ def test_random_commands_snapshot_and_replay_identically(ops: list[tuple[str, in
         info = q.stats()
         totals = info["totals"]
         live = info["ready"] + info["leased"] + info["delayed"]
-        # Every message enqueued is in exactly one place: live, acked, dead or purged.
-        assert totals["enqueued"] == live + totals["acked"] + info["dead"] + totals["purged"]
+        # Every message enqueued is in exactly one place: live, acked, dead (kept or
+        # dropped past max_dead) or purged.
+        assert totals["enqueued"] == (live + totals["acked"] + info["dead"]
+                                      + totals["dead_dropped"] + totals["purged"])
     # Replay: from scratch, and from a snapshot taken half-way.
     half = len(cmds) // 2
     a, b = StateMachine(), StateMachine()
