@@ -3,16 +3,11 @@ checkpoint (compare-and-set on seq), epochs, and snapshot round trips."""
 
 from __future__ import annotations
 
-import itertools
 import uuid
-import weakref
 from typing import Any
 
-from flexcore.statemachine import Command, Err, Ok, Result, StateMachine
-
-# Per machine (weakly: a freed machine's id() may be reused by the next one).
-_indices: weakref.WeakKeyDictionary[StateMachine, itertools.count[int]] = (
-    weakref.WeakKeyDictionary())
+from flexcore.statemachine import Result, StateMachine
+from tests.support.machine import ok, refused, run
 
 EXTRACTOR: dict[str, Any] = {"plugin": "postgres-extractor",
              "config": {"url": "sqlite:////tmp/x.db", "table": "t", "cursor_column": "id"}}
@@ -21,22 +16,6 @@ LOADER = {"plugin": "api-loader", "config": {"url": "http://127.0.0.1:9/in"}}
 
 def rid(n: int) -> str:
     return str(uuid.UUID(int=n))
-
-
-def run(sm: StateMachine, type_: str, body: dict[str, Any], ts: int = 10_000) -> Result:
-    counter = _indices.setdefault(sm, itertools.count(1))
-    return sm.apply(Command(type_, body, ts, None), next(counter))
-
-
-def ok(result: Result) -> dict[str, Any]:
-    assert isinstance(result, Ok), result
-    return result.value
-
-
-def refused(result: Result, code: str, fragment: str = "") -> None:
-    assert isinstance(result, Err), result
-    assert result.code == code, result
-    assert fragment in result.message, result.message
 
 
 def setup(sm: StateMachine, name: str = "orders") -> None:

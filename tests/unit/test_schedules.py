@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import pytest
 
-from flexcore.statemachine import Command, Err, Ok, Result, StateMachine
+from flexcore.statemachine import Result, StateMachine
 from flexcore.statemachine.schedules import MAX_FIRES, MAX_OWNER_HISTORY, Schedules
-
-_index = itertools.count(1)
+from tests.support.machine import ok, refused, run
 
 A, B, C = "10.0.0.1:7100", "10.0.0.2:7100", "10.0.0.3:7100"
 EVENT = {"type": "event", "event_type": "tick", "payload": {"k": 1}}
-
-
-def run(sm: StateMachine, type_: str, body: dict[str, Any], *, ts: int = 10_000) -> Result:
-    return sm.apply(Command(type_, body, ts, None), next(_index))
-
-
-def ok(result: Result) -> dict[str, Any]:
-    assert isinstance(result, Ok), result
-    return result.value
-
-
-def refused(result: Result, code: str, fragment: str = "") -> None:
-    assert isinstance(result, Err), result
-    assert result.code == code, result
-    assert fragment in result.message, result.message
 
 
 def put(sm: StateMachine, sid: str = "s1", *, ts: int = 10_000, **extra: Any) -> dict[str, Any]:

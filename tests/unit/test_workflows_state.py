@@ -4,36 +4,18 @@ bounds, snapshots and determinism."""
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from typing import Any
 
 import pytest
 
-from flexcore.statemachine import Command, Err, Ok, Result, StateMachine
+from flexcore.statemachine import StateMachine
 from flexcore.statemachine.workflows import MAX_ACTIVE_RUNS, Workflows
-
-_indices: dict[int, itertools.count[int]] = {}
+from tests.support.machine import ok, refused, run
 
 
 def rid(n: int) -> str:
     return str(uuid.UUID(int=n))
-
-
-def run(sm: StateMachine, type_: str, body: dict[str, Any], *, ts: int = 10_000) -> Result:
-    counter = _indices.setdefault(id(sm), itertools.count(1))   # per machine: determinism
-    return sm.apply(Command(type_, body, ts, None), next(counter))
-
-
-def ok(result: Result) -> dict[str, Any]:
-    assert isinstance(result, Ok), result
-    return result.value
-
-
-def refused(result: Result, code: str, fragment: str = "") -> None:
-    assert isinstance(result, Err), result
-    assert result.code == code, result
-    assert fragment in result.message, result.message
 
 
 def wf(sm: StateMachine) -> Workflows:
@@ -58,7 +40,6 @@ def state(sm: StateMachine, n: int = 1) -> dict[str, Any]:
 @pytest.fixture
 def sm() -> StateMachine:
     machine = StateMachine()
-    _indices[id(machine)] = itertools.count(1)
     return machine
 
 
@@ -268,13 +249,10 @@ def _script(sm: StateMachine) -> None:
 def test_snapshot_round_trip_and_determinism() -> None:
     a, b = StateMachine(), StateMachine()
     for machine in (a, b):
-        _indices[id(machine)] = itertools.count(1)
-        _script(machine)
+            _script(machine)
     assert a.snapshot() == b.snapshot()
     c = StateMachine()
     c.restore(a.snapshot())
-    _indices[id(c)] = itertools.count(a.applied_index + 1)
-    _indices[id(a)] = itertools.count(a.applied_index + 1)
     assert c.snapshot() == a.snapshot()
     assert wf(c).get(rid(2)) == wf(a).get(rid(2))
     assert wf(c).active_ids() == wf(a).active_ids() and wf(c).cursor == 4
