@@ -132,6 +132,11 @@ class ClusterObserver:
     def live(self) -> list[NodeLike]:
         return [n for n in self.nodes if n.alive and not n.paused]
 
+    def urls(self, among: Sequence[int] | None = None) -> list[str]:
+        """API URLs of every node, or of the nodes at indices ``among``."""
+        return [self.nodes[i].url for i in (among if among is not None
+                                           else range(len(self.nodes)))]
+
     def wait_leader(self, timeout: float = 30.0, among: Sequence[int] | None = None) -> str:
         """Wait until every live node (or those in ``among``) names the same leader and
         that leader is one of them; return its Raft address."""

@@ -30,6 +30,7 @@ import pytest
 
 from flexcore.cluster import http_json, wait_for
 from tests.support.docker_cluster import ROOT
+from tests.support.pipelines import final_run
 
 COMPOSE_FILE = ROOT / "docker" / "compose.yml"
 ROWS = 1000          # docker/etl-demo.sql
@@ -217,11 +218,9 @@ def test_compose_stack_serves_writes_workflows_and_the_etl_demo(
                               timeout=10)
     assert code == 202, started
 
-    def pipeline_done() -> dict[str, Any] | None:
-        code, body = http_json("GET", f"{stack.lb_url}/v1/pipelines/orders/runs/"
-                               f"{started['id']}", timeout=10)
-        return body if code == 200 and body["status"] in ("success", "failure") else None
-    final = wait_for("the pipeline run final", pipeline_done, 120, interval=0.2)
+    final = wait_for("the pipeline run final",
+                     lambda: final_run([stack.lb_url], "orders", started["id"]), 120,
+                     interval=0.2)
     assert final["status"] == "success" and final["rows"] == ROWS, final
     code, sink = http_json("GET", f"http://{stack.ip('etl_sink')}:8200/batches?rows=true",
                            timeout=10)

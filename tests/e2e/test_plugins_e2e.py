@@ -10,11 +10,11 @@ import io
 import sqlite3
 import tarfile
 from pathlib import Path
-from typing import Any
 
 from flexcore.cluster import http_json, wait_for
 from flexcore.testing.receiver import BatchReceiver
 from tests.support.docker_cluster import DockerCluster
+from tests.support.pipelines import final_run
 
 SHIPPED = {"postgres-extractor": "extractor", "json-transformer": "transformer",
            "api-loader": "loader"}
@@ -64,12 +64,9 @@ def test_plugins_listed_and_a_pipeline_runs(docker_cluster3: DockerCluster,
         code, run = http_json("POST", url + "/v1/pipelines/clicks/runs", {}, timeout=30)
         assert code == 202, run
 
-        def final() -> dict[str, Any] | None:
-            code, body = http_json("GET", f"{c.nodes[0].url}/v1/pipelines/clicks/runs/"
-                                          f"{run['id']}?consistent=true", timeout=10)
-            return body if code == 200 and body["status"] in ("success", "failure") else None
-
-        done = wait_for("pipeline run final", final, 120, interval=0.2)
+        done = wait_for("pipeline run final",
+                        lambda: final_run([c.nodes[0].url], "clicks", run["id"],
+                                          consistent=True), 120, interval=0.2)
         assert done["status"] == "success" and done["rows"] == ROWS, done
         assert sorted(r["n"] for r in receiver.rows()) == list(range(1, ROWS + 1, 2))
         assert len(receiver.accepted) == ROWS // 50

@@ -19,6 +19,7 @@ import pytest
 
 from flexcore.cluster import LocalCluster, http_json, wait_for
 from flexcore.testing.receiver import BatchReceiver
+from tests.support.pipelines import final_run
 
 from .conftest import ClusterFactory
 
@@ -51,23 +52,6 @@ def pipeline_body(db: Path, url: str) -> dict[str, Any]:
             "mapping": {"order_id": "id", "who": "customer", "total": "amount"},
             "filter": "status == 'ok'"}}],
         "loader": {"plugin": "api-loader", "config": {"url": url, "backoff_s": 0.05}}}
-
-
-def _run(url: str, name: str, run_id: str) -> dict[str, Any] | None:
-    code, body = http_json("GET", f"{url}/v1/pipelines/{name}/runs/{run_id}", timeout=5)
-    return body if code == 200 else None
-
-
-def final_run(cluster: LocalCluster, among: list[int], name: str, run_id: str
-              ) -> dict[str, Any] | None:
-    for i in among:
-        try:
-            run = _run(cluster.nodes[i].url, name, run_id)
-        except OSError:
-            continue
-        if run is not None and run["status"] in ("success", "failure"):
-            return run
-    return None
 
 
 def test_api_validation_and_plugins(cluster3: LocalCluster, receiver: BatchReceiver,
@@ -103,12 +87,12 @@ def test_api_validation_and_plugins(cluster3: LocalCluster, receiver: BatchRecei
                      + "0" * 12)[0] == 404
     code, run = http_json("POST", url + "/v1/pipelines/p1/runs", {})
     assert code == 202 and run["status"] == "pending"
-    done = wait_for("run final", lambda: final_run(cluster3, [0, 1, 2], "p1", run["id"]), 60)
+    done = wait_for("run final", lambda: final_run(cluster3.urls(), "p1", run["id"]), 60)
     assert done["status"] == "success" and done["rows"] == 10, done
     assert sorted(r["order_id"] for r in receiver.rows()) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     # A second run continues after the checkpoint: nothing new, nothing sent.
     code, run2 = http_json("POST", url + "/v1/pipelines/p1/runs", {})
-    done2 = wait_for("run final", lambda: final_run(cluster3, [0, 1, 2], "p1", run2["id"]), 60)
+    done2 = wait_for("run final", lambda: final_run(cluster3.urls(), "p1", run2["id"]), 60)
     assert done2["status"] == "success" and done2["rows"] == 0 and done2["start_seq"] == 1
     assert receiver.count() == 1
     # A timer `pipeline` action starts a run (its id derived from the fire).
@@ -149,7 +133,7 @@ def test_leader_kill9_mid_run_loses_no_row(make_cluster: ClusterFactory,
     delivered_at_kill = receiver.count()
     new_leader = cluster.wait_leader(timeout=30, among=others)
     failover_s = time.monotonic() - t_kill
-    done = wait_for("run final", lambda: final_run(cluster, others, "orders", run["id"]), 90,
+    done = wait_for("run final", lambda: final_run(cluster.urls(others), "orders", run["id"]), 90,
                     interval=0.1)
     total_s = time.monotonic() - t0
     assert done["status"] == "success", done

@@ -24,9 +24,9 @@ import sqlalchemy as sa
 from flexcore.cluster import http_json, wait_for
 from flexcore.plugins.host import PluginHost
 from flexcore.testing.receiver import BatchReceiver
+from tests.support.pipelines import final_run
 
 from .conftest import ClusterFactory
-from .test_pipelines import final_run
 
 ROWS = 12_345
 BASE_URL = os.environ.get(
@@ -134,7 +134,7 @@ def test_postgres_pipeline_on_a_node(pg_url: str, make_cluster: ClusterFactory) 
         assert code == 201, body
         code, run = http_json("POST", url + "/v1/pipelines/pg-orders/runs", {})
         assert code == 202, run
-        done = wait_for("run final", lambda: final_run(cluster, [0], "pg-orders", run["id"]),
+        done = wait_for("run final", lambda: final_run(cluster.urls([0]), "pg-orders", run["id"]),
                         120, interval=0.1)
         assert done["status"] == "success" and done["rows"] == ROWS, done
         assert sorted(r["id"] for r in receiver.rows()) == list(range(1, ROWS + 1))
