@@ -256,10 +256,8 @@ class _QueueCollector(Collector):
         ops = CounterMetricFamily("flexcore_queue_operations",
                                   "Lifetime queue operations (replicated: the same on every node)",
                                   labels=["queue", "op"])
-        with self._service.raft.lock:
-            store = self._service._store
-            infos = [store.info(name) for name in store.list_stats()]
-        for info in infos:
+        for name in self._service.list_queues():
+            info = self._service.info(name)
             if info is None:
                 continue
             for state in ("ready", "leased", "delayed", "dead"):
@@ -441,11 +439,13 @@ class Worker:
                                       name=f"lease keeper {message.id}")
                   if self.extend_leases else None)
         try:
-            await self.handler(message)
+            try:
+                await self.handler(message)
+            finally:   # before the ack/nack: an extension must not race it
+                await _stop_keeper(keeper)
         except asyncio.CancelledError:
             raise   # stopping: the lease expires and the message is redelivered
         except Exception as exc:
-            await _stop_keeper(keeper)
             self.failed += 1
             delay = min(self.backoff_s * 2 ** (message.attempt - 1), self.max_backoff_s)
             log.warning("handler for %s failed on message %s (attempt %d): %r; "
@@ -453,11 +453,8 @@ class Worker:
                         exc, delay)
             await _settle(message.nack(delay_s=delay, error=repr(exc)[:2000]), message)
         else:
-            await _stop_keeper(keeper)
             self.handled += 1
             await _settle(message.ack(), message)
-        finally:
-            await _stop_keeper(keeper)
 
     async def _keep_lease(self, message: Message) -> None:
         """Extend ``message``'s lease at a third of its visibility timeout, until
