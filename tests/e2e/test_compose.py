@@ -175,6 +175,11 @@ def test_compose_stack_serves_writes_workflows_and_the_etl_demo(
     served = wait_for("HAProxy forwarding to three nodes", lambda: _lb_nodes(stack, 3), 60,
                       interval=0.2)
     assert served == {f"{n}:7100" for n in nodes}
+    # The compose file sets a cluster secret but no API token, and the API listens on
+    # 0.0.0.0: each node's start-up warning says exactly that (README: Security).
+    logs = stack.run("logs", "--no-color", *nodes, timeout=60)
+    assert logs.count("no --api-token: the API on 0.0.0.0:8100") == 3, logs[-3000:]
+    assert "no --secret" not in logs
 
     # A write through HAProxy is read back, at once and consistently, on every node.
     code, event = http_json("POST", stack.lb_url + "/v1/events",
