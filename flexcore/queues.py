@@ -233,6 +233,10 @@ class QueueService:
     def closed(self) -> bool:
         return self._closed
 
+    def waiting(self, queue: str) -> int:
+        """Long-polling leases parked on ``queue`` at this node right now."""
+        return len(self._waiters.get(queue, ()))
+
     def close(self) -> None:
         """Stop long-polls: every waiting lease returns ``[]`` now, later ones at once."""
         self._closed = True

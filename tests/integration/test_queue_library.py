@@ -115,7 +115,8 @@ async def test_consume_long_poll_wakes_on_enqueue_and_delay(tmp_path: Path) -> N
                     return
 
         task = asyncio.create_task(consumer())
-        await asyncio.sleep(0.3)           # the consumer is parked in a long-poll
+        await _until("the consumer parked in a long-poll",
+                     lambda: app.node.queues.waiting("jobs") == 1)
         t0 = time.monotonic()
         await app.queues.enqueue("jobs", "now")
         await app.queues.enqueue("jobs", "later", delay_s=1.0)
@@ -204,7 +205,7 @@ async def test_http_queue_api_and_prompt_stop(tmp_path: Path) -> None:
             # A long-poll in flight must not hold the node's shutdown.
             poll = asyncio.create_task(call("POST", "/v1/queues/empty/lease",
                                             {"consumer": "c", "wait_s": 20}))
-            await asyncio.sleep(0.3)
+            await _until("the HTTP lease parked", lambda: app.node.queues.waiting("empty") == 1)
             t0 = time.monotonic()
             await app.stop()
             assert time.monotonic() - t0 < 3.0
