@@ -2,7 +2,7 @@
 
 Three workloads run while a nemesis injects faults one after another (kill -9 of the
 leader and of a follower, the leader frozen for 5 s, the leader cut from the majority,
-a 1|2 split, a one-way cut (the leader hears nothing), a slow network, and the whole
+a 1|2 split, a one-way cut (the leader hears nothing), a slow and lossy network, and the whole
 cluster killed and restarted):
 
 - writers publish events with unique ids to random live nodes;
@@ -281,6 +281,8 @@ def test_workloads_survive_a_nemesis_sequence(docker_cluster3: DockerCluster,
     chaos_report.append(f"queue: {queue_figures}")
     chaos_report.append(f"timer: {timer_figures}")
     assert len(cluster.faults.entries) >= len(plan) * ROUNDS
+    # The slow-network fault bit: its loss rules dropped raft packets.
+    assert sum(e.get("dropped", 0) for e in cluster.faults.entries) > 0
 
 
 def test_whole_cluster_killed_and_restarted_twice(docker_cluster3: DockerCluster,

@@ -9,8 +9,8 @@ removed by `close()`, which the fixtures call on every exit path.
 Faults: ``kill`` (SIGKILL), ``stop``/``start``, ``pause``/``unpause`` (freeze),
 ``isolate``/``heal`` (network disconnect/connect: a node cut from everyone),
 ``cut``/``uncut`` (iptables inside a node with NET_ADMIN: drop traffic with chosen
-peers, both ways or one way), ``slow``/``unslow`` (tc token-bucket rate limit: netem
-is not in our kernels).
+peers, both ways or one way), ``slow``/``unslow`` (tc token-bucket rate limit plus random
+loss of raft packets by iptables' statistic match: netem is not in our kernels).
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ class DockerNode:
     paused: bool = False
     running: bool = False
     isolated: bool = False
+    loss: float = 0.0  # raft packet loss while slowed
+    slow_entry: dict[str, Any] | None = None
 
     @property
     def raft(self) -> str:
@@ -129,7 +131,9 @@ class FaultLog:
         recov = [e["recovery_s"] for e in self.entries if "recovery_s" in e]
         worst = f", recovery max {max(recov):.2f} s / median " \
                 f"{sorted(recov)[len(recov) // 2]:.2f} s" if recov else ""
-        return f"{len(self.entries)} faults {kinds}{worst}"
+        dropped = [e["dropped"] for e in self.entries if "dropped" in e]
+        lost = f", raft packets dropped on slow links {sum(dropped)}" if dropped else ""
+        return f"{len(self.entries)} faults {kinds}{worst}{lost}"
 
 
 class DockerCluster(ClusterObserver):
@@ -379,16 +383,42 @@ class DockerCluster(ClusterObserver):
     def uncut(self, i: int) -> None:
         self._exec_root(i, ["iptables", "-F", "INPUT"])
         self._exec_root(i, ["iptables", "-F", "OUTPUT"])
+        self.nodes[i].loss = 0.0  # the flush took any loss rules with it
 
-    def slow(self, i: int, rate: str = "512kbit", latency_ms: int = 300) -> None:
-        """A slow link: token-bucket rate limit with queueing delay on the node's egress.
-        (tc netem is not in this kernel; tbf is.)"""
+    def _loss_rules(self, loss: float) -> list[list[str]]:
+        # Inbound raft packets, both on connections this node accepted (dport) and on
+        # those it opened (sport): the API stays clean so the checker is unaffected.
+        return [["INPUT", "-p", "tcp", "--dport" if d == "d" else "--sport", str(RAFT_PORT),
+                 "-m", "statistic", "--mode", "random", "--probability", f"{loss:g}",
+                 "-j", "DROP"] for d in ("d", "s")]
+
+    def slow(self, i: int, rate: str = "512kbit", latency_ms: int = 300,
+             loss: float = 0.1) -> None:
+        """A slow, lossy link: a token-bucket rate limit with queueing delay on the
+        node's egress, and ``loss`` of the raft packets it receives dropped at random
+        (each costs a TCP retransmission, >= 200 ms). tc netem, which would add a
+        fixed delay, is not in this kernel; tbf and iptables' statistic match are."""
         self._exec_root(i, ["tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
                             "rate", rate, "burst", "16kbit", "latency", f"{latency_ms}ms"])
-        self.faults.add("slow", self.nodes[i].name, rate=rate)
+        node = self.nodes[i]
+        node.loss = loss
+        for rule in self._loss_rules(loss):
+            self._exec_root(i, ["iptables", "-I", *rule])
+        node.slow_entry = self.faults.add("slow", node.name, rate=rate, loss=loss)
 
     def unslow(self, i: int) -> None:
+        """Heal a `slow` link; its fault entry gets ``dropped``: the raft packets lost."""
         self._exec_root(i, ["tc", "qdisc", "del", "dev", "eth0", "root"])
+        node = self.nodes[i]
+        if node.loss:
+            listing = self._exec_root(i, ["iptables", "-L", "INPUT", "-v", "-x", "-n"])
+            dropped = sum(int(line.split()[0]) for line in listing.splitlines()
+                          if "statistic" in line)
+            if node.slow_entry is not None:
+                node.slow_entry["dropped"] = dropped
+            for rule in self._loss_rules(node.loss):
+                self._exec_root(i, ["iptables", "-D", *rule])
+            node.loss, node.slow_entry = 0.0, None
 
     # -- observing helpers on top of ClusterObserver -----------------------------------
 
