@@ -19,7 +19,7 @@ was trimmed appends it again under a new offset.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
@@ -49,6 +49,16 @@ def event_partition(key: str | None, event_id: str, partitions: int) -> int:
     share a partition, so per-key order is the log's order."""
     return zlib.crc32((event_id if key is None else key).encode("utf-8", "surrogatepass")) \
         % partitions
+
+
+def backlog_counts(events: Iterable[StoredEvent], committed: Sequence[int]) -> list[int]:
+    """Per partition ``p``, how many of ``events`` fall in ``p`` above ``committed[p]``."""
+    counts = [0] * len(committed)
+    for event in events:
+        p = event_partition(event.key, event.id, len(committed))
+        if event.offset > committed[p]:
+            counts[p] += 1
+    return counts
 
 
 class StoredEvent(NamedTuple):
@@ -157,23 +167,24 @@ class EventLog:
                     break
         return found, cursor
 
+    def window(self, after: int, max_scan: int) -> tuple[list[StoredEvent], bool]:
+        """Up to ``max_scan`` retained events with an offset above ``after``, oldest
+        first, as a new list of immutable tuples (safe to read after the lock is
+        released), and whether it reaches the newest event."""
+        start = max(after + 1, self.first_offset)
+        stop = min(self.last_offset, start + max_scan - 1)
+        base = self._head - self.first_offset
+        return self._events[base + start:base + stop + 1], stop >= self.last_offset
+
     def backlog(self, committed: Sequence[int], max_scan: int) -> tuple[list[int], bool]:
         """Per partition ``p`` (``len(committed)`` of them), how many retained events of
         ``p`` have an offset above ``committed[p]``; scans at most ``max_scan`` events
         from the lowest committed offset. Returns ``(counts, exact)``; ``exact`` is
         False when the scan stopped early (the counts are then lower bounds)."""
-        counts = [0] * len(committed)
         if not committed:
-            return counts, True
-        start = max(min(committed) + 1, self.first_offset)
-        stop = min(self.last_offset, start + max_scan - 1)
-        base = self._head - self.first_offset
-        for offset in range(start, stop + 1):
-            event = self._events[base + offset]
-            p = event_partition(event.key, event.id, len(committed))
-            if offset > committed[p]:
-                counts[p] += 1
-        return counts, stop >= self.last_offset
+            return [], True
+        events, exact = self.window(min(committed), max_scan)
+        return backlog_counts(events, committed), exact
 
     # --- commands (validate everything, then mutate) ---------------------------------
 

@@ -21,7 +21,7 @@ from flexcore.statemachine.codec import (
 )
 from flexcore.statemachine.component import Component, Context, Handler
 from flexcore.statemachine.dedupe import RequestDedupe
-from flexcore.statemachine.events import EventLog
+from flexcore.statemachine.events import EventLog, StoredEvent
 from flexcore.statemachine.groups import ConsumerGroups
 from flexcore.statemachine.pipelines import Pipelines
 from flexcore.statemachine.queues import QueueStore
@@ -208,6 +208,12 @@ class StateMachine:
         """Per-partition count of events above a group's committed offsets (lag); see
         ``EventLog.backlog``."""
         return self._events.backlog(committed, max_scan)
+
+    def event_window(self, after: int, max_scan: int = 100_000,
+                     ) -> tuple[list[StoredEvent], bool]:
+        """A copy of up to ``max_scan`` events above ``after`` (immutable, readable
+        without the lock) and whether it reaches the newest; see ``EventLog.window``."""
+        return self._events.window(after, max_scan)
 
     def event_stats(self) -> dict[str, int]:
         """``{"first_offset", "last_offset", "count", "max_events"}`` (0 = unlimited)."""

@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 from flexcore.statemachine import Command, Err, StateMachine
-from flexcore.statemachine.events import event_partition
+from flexcore.statemachine.events import backlog_counts, event_partition
 from flexcore.statemachine.groups import ConsumerGroups
 from tests.support.machine import MachineDriver
 
@@ -260,3 +260,23 @@ def test_partition_filter_and_backlog() -> None:
     assert exact and counts == [parts.count(p) for p in range(4)]
     counts, exact = g.sm.event_backlog([41, 41, 41, 20], max_scan=5)
     assert not exact and sum(counts) <= 5
+
+
+def test_event_window_is_a_copy_counted_after_the_lock() -> None:
+    """Group listings copy the events above the committed offsets under the raft lock
+    and count them after it: the copy must not change when the log moves on."""
+    g = G()
+    g.ok("event.publish", {"events": [{"type": "t", "id": f"e{i}", "key": f"k{i % 3}"}
+                                      for i in range(30)]})
+    window, exact = g.sm.event_window(10)
+    assert exact and [e.offset for e in window] == list(range(11, 31))
+    before = list(window)
+    g.ok("event.publish", {"events": [{"type": "t", "id": f"late{i}"} for i in range(5)]})
+    assert window == before
+    committed = [10, 20, 25]
+    # Counted against the log as it was: the five late events are not in the copy.
+    assert sum(g.sm.event_backlog(committed)[0]) - sum(backlog_counts(window, committed)) \
+        == sum(1 for i in range(5)
+               if 31 + i > committed[event_partition(None, f"late{i}", 3)])
+    window, exact = g.sm.event_window(0, max_scan=7)
+    assert not exact and [e.offset for e in window] == list(range(1, 8))
