@@ -38,7 +38,7 @@ from .errors import BadRequest, ConsensusError, FlexCoreError
 from .events import Retry, Subscription, Transform, Where
 from .groups import GroupConsumer, GroupService
 from .node import FlexNode
-from .queues import QUEUE_NAME, Handler, Queues, Worker
+from .queues import DEFAULT_HANDLER_TIMEOUT_S, QUEUE_NAME, Handler, Queues, Worker
 from .statemachine.groups import GROUP_NAME
 from .timers import ScheduleService, TimerHandler
 
@@ -191,24 +191,29 @@ class FlexCore:
     def worker(self, queue: str, *, concurrency: int = 1, visibility_s: float | None = None,
                max_attempts: int | None = None, backoff_s: float = 1.0,
                max_backoff_s: float = 300.0,
-               extend_leases: bool = True) -> Callable[[Handler], Handler]:
+               extend_leases: bool = True,
+               timeout_s: float | None = DEFAULT_HANDLER_TIMEOUT_S,
+               ) -> Callable[[Handler], Handler]:
         """Decorator: run ``async def handler(message)`` on messages of ``queue`` with
         ``concurrency`` loops on this node, from start to stop. Success acks the
         message; an exception nacks it with exponential backoff; the lease is extended
-        while the handler runs (see `Worker`). Register before the app starts."""
+        while the handler runs, for at most ``timeout_s`` (then the handler is cancelled
+        and the message nacked; see `Worker`). Register before the app starts."""
         if self.started:
             raise RuntimeError("register workers before the app starts")
         if not QUEUE_NAME.fullmatch(queue):
             raise ValueError(f"invalid queue name {queue!r}")
         if not 1 <= concurrency <= 1000:
             raise ValueError("concurrency must be from 1 to 1000")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError("timeout_s must be a positive number of seconds or None")
 
         def register(handler: Handler) -> Handler:
             self.workers.append(Worker(queue, handler, concurrency=concurrency,
                                        visibility_s=visibility_s, max_attempts=max_attempts,
                                        backoff_s=backoff_s, max_backoff_s=max_backoff_s,
                                        consumer=f"{self.settings.self_addr}/{queue}",
-                                       extend_leases=extend_leases))
+                                       extend_leases=extend_leases, timeout_s=timeout_s))
             return handler
         return register
 

@@ -379,6 +379,9 @@ class Queues:
 Handler = Callable[[Message], Awaitable[None]]
 
 
+DEFAULT_HANDLER_TIMEOUT_S = 1800.0
+
+
 @dataclass
 class Worker:
     """``@app.worker(queue, concurrency=N)``: N loops on this node, each leasing one
@@ -388,7 +391,10 @@ class Worker:
     ``max_deliveries`` is set to it when the worker starts. While a handler runs, its
     lease is extended every third of the visibility timeout (``extend_leases``), so a
     handler slower than the timeout is not redelivered to another consumer meanwhile;
-    the extensions stop when the handler returns, raises, or this node stops."""
+    the extensions stop when the handler returns, raises, or this node stops.
+    ``timeout_s`` (default 1,800 s, like RabbitMQ's ``consumer_timeout``; None = no
+    limit) bounds that: a handler still running then is cancelled and the message
+    nacked with a "timed out" error, so a hung handler cannot hold a message forever."""
 
     queue: str
     handler: Handler
@@ -399,6 +405,7 @@ class Worker:
     max_backoff_s: float = 300.0
     consumer: str = "worker"
     extend_leases: bool = True
+    timeout_s: float | None = DEFAULT_HANDLER_TIMEOUT_S
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
     handled: int = 0
     failed: int = 0
@@ -442,9 +449,11 @@ class Worker:
         keeper = (asyncio.create_task(self._keep_lease(message),
                                       name=f"lease keeper {message.id}")
                   if self.extend_leases else None)
+        limit = asyncio.timeout(self.timeout_s)
         try:
             try:
-                await self.handler(message)
+                async with limit:
+                    await self.handler(message)
             finally:   # before the ack/nack: an extension must not race it
                 await _stop_keeper(keeper)
         except asyncio.CancelledError:
@@ -452,10 +461,12 @@ class Worker:
         except Exception as exc:
             self.failed += 1
             delay = min(self.backoff_s * 2 ** (message.attempt - 1), self.max_backoff_s)
-            log.warning("handler for %s failed on message %s (attempt %d): %r; "
+            error = (f"TimeoutError: handler timed out after {self.timeout_s:g} s"
+                     if limit.expired() else repr(exc)[:2000])
+            log.warning("handler for %s failed on message %s (attempt %d): %s; "
                         "retry in %.1f s", self.queue, message.id, message.attempt,
-                        exc, delay)
-            await _settle(message.nack(delay_s=delay, error=repr(exc)[:2000]), message)
+                        error, delay)
+            await _settle(message.nack(delay_s=delay, error=error), message)
         else:
             self.handled += 1
             await _settle(message.ack(), message)

@@ -101,6 +101,42 @@ async def test_worker_keeps_the_lease_of_a_handler_slower_than_visibility(
         assert seen["lost"][:2] == [1, 2]
 
 
+async def test_worker_timeout_cancels_a_hung_handler_and_stops_extending(
+        tmp_path: Path) -> None:
+    """A handler that never returns holds its lease only for ``timeout_s``: then it is
+    cancelled, the message nacked with a "timed out" error and, after max_attempts,
+    dead-lettered; the extensions do not outlive it."""
+    app, _ = _app(tmp_path)
+    cancelled: list[int] = []
+
+    @app.worker("hung", visibility_s=0.3, timeout_s=0.8, max_attempts=2, backoff_s=0.05)
+    async def hung(msg: Message) -> None:
+        try:
+            await asyncio.Event().wait()   # never set
+        except asyncio.CancelledError:
+            cancelled.append(msg.attempt)
+            raise
+
+    async with app:
+        await app.queues.enqueue("hung", "job")
+        await _until("the hung message dead-lettered",
+                     lambda: (app.queues.stats("hung") or {}).get("dead") == 1)
+        assert cancelled == [1, 2]
+        stats = app.queues.stats("hung")
+        assert stats is not None
+        # Held by extensions past its 0.3 s visibility, never expired and redelivered.
+        assert stats["totals"]["expired"] == 0 and stats["totals"]["leased"] == 2, stats
+        [dead] = app.node.queues.dead("hung")
+        assert "handler timed out after 0.8 s" in dead["error"], dead
+        assert app.workers[0].failed == 2
+    try:
+        app.worker("x", timeout_s=0)
+    except ValueError as exc:
+        assert "timeout_s" in str(exc)
+    else:
+        raise AssertionError("timeout_s=0 accepted")
+
+
 async def test_consume_long_poll_wakes_on_enqueue_and_delay(tmp_path: Path) -> None:
     app, _ = _app(tmp_path)
     async with app:
