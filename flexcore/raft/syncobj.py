@@ -12,7 +12,10 @@ why, each covered by ``tests/unit/test_raft_syncobj.py``:
    a committed entry is lost. Raft (Figure 2, AppendEntries rule 3) truncates only
    from the first *conflicting* entry. `_guard_append_entries` rewrites such a message
    so the stock code only truncates at a real conflict, and caps the follower's commit
-   index at the last entry verified against the leader.
+   index at the last entry verified against the leader. Snapshots (1b): one the node
+   already holds is discarded instead of rolling the node back, and a chunk of a
+   snapshot transmission never raises the commit index over the node's own, still
+   unverified log (stock code does, and so applies a deposed leader's entries).
 2. **Durability.** In ``fsync`` mode the journal is flushed (msync) before a follower
    acknowledges entries and before the leader counts its own log towards a commit
    (once per tick: group commit), and term/vote metadata is fsynced.
@@ -243,30 +246,43 @@ class FlexSyncObj(SyncObj):  # type: ignore[misc]
         snapshot file and journal stay as they are) and only the verified index is
         acknowledged.
         """
-        if msg["term"] < self.raftCurrentTerm or self._flex_snapshot_last is None:
+        if msg["term"] < self.raftCurrentTerm:
             return msg, None
+        # Until a snapshot is installed nothing in this node's log is verified against
+        # this leader: stock PySyncObj still raises its commit index to
+        # min(leader's commit, own last index) on every chunk, which commits and applies
+        # entries of a deposed leader that the new leader never had (seen in the chaos
+        # suite: a paused leader, resumed, applied its own uncommitted queue lease while
+        # the new leader streamed it a snapshot; that lease was later handed out again).
+        # A passed-through chunk may therefore not move the commit index; the install
+        # itself sets it from the snapshot.
+        passed = dict(msg, commit_index=min(msg["commit_index"], self.raftCommitIndex))
+        if self._flex_snapshot_last is None:
+            return passed, None
         data, _is_first, is_last = msg["serialized"]
         if not is_last:
-            return msg, None
+            return passed, None
         serializer = self._SyncObj__serializer
         incoming = serializer._Serializer__incomingTransmissionFile
         if incoming is None:
-            return msg, None
+            return passed, None
         incoming.flush()
         tmp = self.conf.fullDumpFile + ".1.tmp"
         try:
             with open(tmp, "rb") as f:
                 last = self._flex_snapshot_last(f.read() + bytes(data or b""))
         except OSError:
-            return msg, None
+            return passed, None
         if last is None:
-            return msg, None
+            return passed, None
         idx, term = last
         raft_log = self._SyncObj__raftLog
         first_idx, last_idx = raft_log[0][1], raft_log[-1][1]
         holds = first_idx <= idx <= last_idx and raft_log[idx - first_idx][2] == term
         if idx > self.raftLastApplied and not holds:
-            return msg, None            # genuinely newer: install it
+            # Genuinely newer: install it. Afterwards the log is the snapshot's last
+            # entry, so the leader's commit index is capped there by the stock code.
+            return msg, None
         incoming.close()
         serializer._Serializer__incomingTransmissionFile = None
         with contextlib.suppress(OSError):

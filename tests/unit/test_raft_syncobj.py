@@ -319,3 +319,64 @@ def test_flex_still_installs_a_newer_snapshot(tmp_path: Any) -> None:
         assert f.log == [(8, 1), (9, 1)] and obj.raftLastApplied == 9
     finally:
         obj.destroy()
+
+
+def _deposed_leader_log(f: Follower) -> None:
+    """Entries 2..6 of term 1, only 2..3 committed (and applied): 4..6 were appended
+    by this node as a leader that was then deposed before they reached anyone."""
+    f.append_entries(prev=(1, 0), entries=[(i, 1) for i in range(2, 7)], commit=3)
+    f.obj.doTick(0)
+    assert f.obj.raftLastApplied == 3 and f.commit_index == 3
+
+
+def _first_chunk(f: Follower, last: tuple[int, int], commit: int, term: int) -> None:
+    doc = _snapshot_doc(last, (last[0] - 1, last[1]))
+    f.obj._SyncObj__onMessageReceived(f.leader, {
+        "type": "append_entries", "term": term, "commit_index": commit,
+        "serialized": (doc, True, False)})
+
+
+def test_stock_pysyncobj_commits_a_deposed_leaders_entries_on_a_snapshot_chunk(
+        tmp_path: Any) -> None:
+    """The hole, reproduced: the new leader (term 2) streams a snapshot; on its first
+    chunk a stock follower raises its commit index to min(leader commit, own last
+    index) and applies entries 4..6 that the new leader never had."""
+    p1, p2 = free_ports(2)
+    obj = SyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], conf=_install_conf(p1, tmp_path))
+    try:
+        f = Follower(obj)
+        _deposed_leader_log(f)
+        _first_chunk(f, last=(20, 2), commit=20, term=2)
+        obj.doTick(0)
+        assert f.commit_index == 6 and obj.raftLastApplied == 6, \
+            "stock PySyncObj no longer commits on a chunk: re-check the override"
+    finally:
+        incoming = obj._SyncObj__serializer._Serializer__incomingTransmissionFile
+        if incoming is not None:   # the transmission never finished: close its file
+            incoming.close()
+        obj.destroy()
+
+
+def test_flex_snapshot_chunks_do_not_commit_an_unverified_log(tmp_path: Any) -> None:
+    from flexcore.raft.node import snapshot_last_entry
+    p1, p2 = free_ports(2)
+    applied: list[int] = []
+    obj = FlexSyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], _install_conf(p1, tmp_path),
+                      on_apply=lambda blob, index: applied.append(index),
+                      snapshot_last=snapshot_last_entry)
+    try:
+        f = Follower(obj)
+        _deposed_leader_log(f)
+        _first_chunk(f, last=(20, 2), commit=20, term=2)
+        obj.doTick(0)
+        assert f.commit_index == 3 and obj.raftLastApplied == 3
+        assert obj.raftCurrentTerm == 2          # the leader/term bookkeeping still ran
+        # The last chunk installs the snapshot; the commit index follows it.
+        f.obj._SyncObj__onMessageReceived(f.leader, {
+            "type": "append_entries", "term": 2, "commit_index": 20,
+            "serialized": (b"", False, True)})
+        obj.doTick(0)
+        assert f.log == [(19, 2), (20, 2)] and obj.raftLastApplied == 20
+        assert f.commit_index == 20
+    finally:
+        obj.destroy()
