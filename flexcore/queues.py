@@ -290,7 +290,9 @@ class Message:
 
     async def ack(self) -> None:
         """Remove the message. Raises `CommandRejected` (``lease_expired``) when the
-        lease is no longer current: the message was or will be delivered again."""
+        lease is no longer current: the message was or will be delivered again — or,
+        when its message starts "lease already acked", an earlier ack of it committed
+        (a retry after an unconfirmed ack)."""
         await self._client.ack(self.queue, self.lease_id)
 
     async def nack(self, *, delay_s: float = 0.0, error: str | None = None) -> None:

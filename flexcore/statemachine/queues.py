@@ -24,7 +24,10 @@ A message is in exactly one state:
 No timer runs anywhere: time-driven moves (delayed -> ready, lease expiry) are applied
 lazily by the next command on that queue (``_promote``), using the command's effective
 time. An ack/nack/extend whose lease is not the message's current, unexpired lease is refused
-with ``lease_expired`` and changes nothing, so a late ack never acks a redelivery.
+with ``lease_expired`` and changes nothing, so a late ack never acks a redelivery. The
+lease ids of the last ``MAX_SETTLED`` acks and nacks are remembered, so the refusal of
+a repeat says "lease already acked" (or nacked): a client whose first ack timed out
+learns that it committed, rather than "expired", which then means it did not.
 
 Storage per queue: ``messages`` (id -> ``_Msg``, every live message), three heaps with
 lazy deletion — ready ``(-priority, seq)``, delayed ``(due, seq)``, leased ``(due, seq)``
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import heapq
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,6 +74,7 @@ MAX_DELIVERIES_LIMIT = 10_000
 MAX_DEDUP_WINDOW_MS = 7 * 24 * 3600 * 1000
 MAX_ID_LENGTH = 256
 MAX_ERROR_LENGTH = 2000
+MAX_SETTLED = 50_000                          # lease ids of recent acks/nacks remembered
 _TS_MAX = 2**63 - 1
 
 DEFAULT_VISIBILITY_MS = 30_000
@@ -84,6 +89,8 @@ _TOTALS = ("enqueued", "duplicates", "leased", "acked", "nacked", "expired",
            "dead_lettered", "redriven", "purged", "dead_dropped")
 _OPTION_KEYS = ("visibility_ms", "max_deliveries", "dedup_window_ms", "max_dead")
 _EXPIRED_ERROR = "lease expired (visibility timeout)"
+_SETTLED = {1: "acked", 2: "nacked"}
+ACKED, NACKED = 1, 2
 
 
 class _Msg:
@@ -287,6 +294,7 @@ class QueueStore:
         self._queues: dict[str, _Queue] = {}
         self._next_seq = 1        # message sequence (ids, FIFO order), never reused
         self._next_lease = 1      # lease sequence, never reused
+        self._settled: OrderedDict[str, int] = OrderedDict()   # lease id -> ACKED/NACKED
 
     # --- read side -----------------------------------------------------------------
 
@@ -443,13 +451,25 @@ class QueueStore:
         msg_id = q.leases.get(lease_id) if q is not None else None
         m = q.messages.get(msg_id) if q is not None and msg_id is not None else None
         if q is None or m is None or m.due <= now:
-            raise Refused(LEASE_EXPIRED, "this lease is not current: it expired, was acked "
-                          "or nacked, or the message was redelivered under a newer lease")
+            settled = self._settled.get(lease_id)
+            if settled is not None:
+                raise Refused(LEASE_EXPIRED, f"lease already {_SETTLED[settled]}: this "
+                              "repeat changes nothing")
+            raise Refused(LEASE_EXPIRED, "this lease is not current: it expired or the "
+                          "message was redelivered under a newer lease (no ack or nack of "
+                          f"it among the last {MAX_SETTLED:,})")
         return q, m
+
+    def _settle(self, lease_id: str, outcome: int) -> None:
+        self._settled[lease_id] = outcome
+        if len(self._settled) > MAX_SETTLED:
+            self._settled.popitem(last=False)
 
     def ack(self, body: Mapping[str, Any], now: int) -> dict[str, Any]:
         """``{queue, lease_id}`` -> ``{id}``; removes the message for good."""
         q, m = self._held(body, now, ())
+        assert m.lease_id is not None
+        self._settle(m.lease_id, ACKED)
         q.remove(m)
         q.totals["acked"] += 1
         q.promote(now)
@@ -479,6 +499,8 @@ class QueueStore:
         delay = _optional_int(body, "delay_ms", "body", minimum=0, maximum=MAX_DELAY_MS) or 0
         error = optional_str(body, "error", "body", max_len=MAX_ERROR_LENGTH, allow_empty=True)
         q, m = self._held(body, now, ("delay_ms", "error"))
+        assert m.lease_id is not None
+        self._settle(m.lease_id, NACKED)
         q.totals["nacked"] += 1
         if error is not None:
             m.error = error
@@ -571,14 +593,25 @@ class QueueStore:
                 "dedup": [[d, mid, exp] for d, (mid, exp) in sorted(q.dedup.items())],
             })
         return {"next_seq": self._next_seq, "next_lease": self._next_lease,
-                "queues": queues}
+                "queues": queues, "settled": [[k, v] for k, v in self._settled.items()]}
 
     @classmethod
     def from_snapshot(cls, obj: object) -> QueueStore:
         """Rebuild from ``to_snapshot()`` output; ``ValueError`` if it is inconsistent."""
-        if not isinstance(obj, dict) or set(obj) != {"next_seq", "next_lease", "queues"}:
-            raise ValueError("queues section must be a map with next_seq, next_lease, queues")
+        # Snapshots written before "settled" existed restore with an empty memory.
+        if not isinstance(obj, dict) or set(obj) - {"settled"} != {"next_seq", "next_lease",
+                                                                   "queues"}:
+            raise ValueError("queues section must be a map with next_seq, next_lease, "
+                             "queues, settled")
         store = cls()
+        for row in _rows(obj.get("settled", [])):
+            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)
+                    and type(row[1]) is int and row[1] in _SETTLED
+                    and row[0] not in store._settled):
+                raise ValueError("queues.settled: an entry is malformed or repeated")
+            store._settled[row[0]] = row[1]
+        if len(store._settled) > MAX_SETTLED:
+            raise ValueError(f"queues.settled holds more than {MAX_SETTLED} entries")
         store._next_seq, store._next_lease = obj["next_seq"], obj["next_lease"]
         if type(store._next_seq) is not int or type(store._next_lease) is not int:
             raise ValueError("queues.next_seq and next_lease must be integers")

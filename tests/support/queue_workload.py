@@ -4,12 +4,15 @@ Producers enqueue messages with unique client ids, using the client id as ``dedu
 and retrying until the cluster answers 201, so every message ends acknowledged exactly
 once. Consumers lease over HTTP from a preferred node (any live node when it is down),
 ack each message, and record every delivery and every ack outcome: ``ok`` (200),
-``stale`` (409 ``lease_expired``), ``unknown`` (timeout, 503, connection error: the ack
-may or may not have committed). Some first deliveries are deliberately not acked (a
-consumer "crash"); their lease ids are acked after expiry and must get 409.
+``stale`` (409 ``lease_expired``: the lease expired), ``unknown`` (timeout, 503,
+connection error: the ack may or may not have committed; retried with the same lease
+id), ``repeat`` (409 "lease already acked" to such a retry: the earlier try committed).
+Some first deliveries are deliberately not acked (a consumer "crash"); their lease ids
+are acked after expiry and must get 409 saying the lease is not current.
 
 `check` asserts the invariants: nothing lost, nothing left, each message acked exactly
-once, a redelivery only after the previous lease expired, never after a successful ack.
+once (one ``ok`` or ``repeat`` over all its deliveries), a redelivery only after the
+previous lease expired, never after a committed ack.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class QueueHistory:
     enqueue_retries: int = 0
     deliveries: list[Delivery] = field(default_factory=list)
     acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    # ^ message id -> outcomes ("ok" | "stale" | "unknown") of its acks, in order
+    # ^ message id -> outcomes ("ok" | "stale" | "unknown" | "repeat") of its acks
     ok_lease: dict[str, str] = field(default_factory=dict)         # msg id -> acked lease
     crashed: list[tuple[str, int]] = field(default_factory=list)   # (lease id, expires)
     crashed_total: int = 0
@@ -233,8 +236,13 @@ class QueueWorkload:
                 return
             if code == 409:
                 assert body["error"]["code"] == "lease_expired", body
+                repeat = body["error"]["message"].startswith("lease already acked")
                 with h.lock:
-                    h.acks[d.msg_id].append("stale")
+                    # "already acked" only answers a retry: the try before committed.
+                    assert not repeat or h.acks[d.msg_id][-1:] == ["unknown"], (d, body)
+                    h.acks[d.msg_id].append("repeat" if repeat else "stale")
+                    if repeat:
+                        h.ok_lease[d.msg_id] = d.lease_id
                 return
             assert code == 0 or code >= 500, (code, body)
             self._count_error(h.ack_errors, url, code, body)
@@ -253,6 +261,8 @@ class QueueWorkload:
             while not self._stop.is_set():
                 code, body, url = self._post_to(c, "/ack", {"lease_id": lease_id})
                 if code == 409:
+                    # Never acked: the refusal must not claim it was.
+                    assert "already" not in body["error"]["message"], (lease_id, body)
                     with h.lock:
                         h.stale_rejected += 1
                     break
@@ -301,8 +311,9 @@ def check(history: QueueHistory, total: int, states: list[dict[str, Any]],
     unknown_only = 0
     for msg_id in ids:
         outcomes = h.acks.get(msg_id, [])
-        assert outcomes.count("ok") <= 1, f"message {msg_id} acked twice: {outcomes}"
-        if "ok" not in outcomes:
+        committed = outcomes.count("ok") + outcomes.count("repeat")
+        assert committed <= 1, f"message {msg_id} acked twice: {outcomes}"
+        if not committed:   # only when the consumer gave up retrying an unknown ack
             assert "unknown" in outcomes, f"message {msg_id} never acked: {outcomes}"
             unknown_only += 1
     # Redelivery only after the previous lease expired, and never after a good ack.
@@ -327,5 +338,6 @@ def check(history: QueueHistory, total: int, states: list[dict[str, Any]],
             "max_attempt": max(d.attempt for d in h.deliveries),
             "stale_acks_rejected": h.stale_rejected,
             "acks_outcome_unknown": sum(o.count("unknown") for o in h.acks.values()),
+            "acks_confirmed_by_retry": sum(o.count("repeat") for o in h.acks.values()),
             "messages_acked_only_by_unknown_outcome": unknown_only,
             "enqueue_retries": h.enqueue_retries}

@@ -149,6 +149,40 @@ def test_stale_leases_are_rejected_and_change_nothing() -> None:
     assert q.sm.component("queues").to_snapshot() == before
 
 
+def test_a_repeated_ack_or_nack_is_told_apart_from_an_expired_lease(monkeypatch: Any) -> None:
+    """Still 409 lease_expired and no change, but the message says whether the lease
+    was already acked / nacked (the first try committed) or expired (it did not)."""
+    q = Q()
+    q.put("a")
+    q.put("b")
+    [a, b] = q.lease(n=2, visibility_ms=1000)
+    q.ack(a["lease_id"])
+    q.nack(b["lease_id"])
+    before = q.sm.component("queues").to_snapshot()
+    for kind in ("queue.ack", "queue.nack", "queue.extend"):
+        msg = q.err(kind, {"queue": "q", "lease_id": a["lease_id"]}, "lease_expired")
+        assert msg.startswith("lease already acked"), msg
+        msg = q.err(kind, {"queue": "q", "lease_id": b["lease_id"]}, "lease_expired")
+        assert msg.startswith("lease already nacked"), msg
+    assert q.sm.component("queues").to_snapshot() == before
+    [b2] = q.lease(visibility_ms=1000)
+    q.now += 1000
+    msg = q.err("queue.ack", {"queue": "q", "lease_id": b2["lease_id"]}, "lease_expired")
+    assert "not current" in msg and "already" not in msg, msg
+    # The memory survives a snapshot, in order, and is bounded (oldest forgotten).
+    restored = QueueStore.from_snapshot(q.sm.component("queues").to_snapshot())
+    assert restored.to_snapshot() == q.sm.component("queues").to_snapshot()
+    assert restored.to_snapshot()["settled"] == [[a["lease_id"], 1], [b["lease_id"], 2]]
+    monkeypatch.setattr("flexcore.statemachine.queues.MAX_SETTLED", 2)
+    q.now += 1
+    [b3] = q.lease(visibility_ms=1000)
+    q.ack(b3["lease_id"])
+    assert [k for k, _ in q.sm.component("queues").to_snapshot()["settled"]] == \
+        [b["lease_id"], b3["lease_id"]]
+    msg = q.err("queue.ack", {"queue": "q", "lease_id": a["lease_id"]}, "lease_expired")
+    assert "not current" in msg, msg
+
+
 def test_extend_keeps_the_lease_and_moves_its_expiry() -> None:
     q = Q()
     mid = q.put("long job")
@@ -281,10 +315,12 @@ def test_a_snapshot_from_before_max_dead_restores_with_the_defaults() -> None:
     snap = q.sm.component("queues").to_snapshot()
     [raw] = snap["queues"]
     raw["options"], raw["totals"] = raw["options"][:3], raw["totals"][:-1]
+    del snap["settled"]   # also from before the settled-lease memory
     restored = QueueStore.from_snapshot(snap)
     info = restored.info("q")
     assert info is not None
     assert info["options"]["max_dead"] == 10_000 and info["totals"]["dead_dropped"] == 0
+    assert restored.to_snapshot()["settled"] == []
     assert info["ready"] == 1 and info["totals"]["enqueued"] == 1
 
 
@@ -467,7 +503,11 @@ def test_snapshot_round_trip_with_leases_in_flight() -> None:
 def test_bad_queue_snapshots_are_refused() -> None:
     good = QueueStore()
     for bad in (None, {"next_seq": 1}, {"next_seq": "1", "next_lease": 1, "queues": []},
-                {"next_seq": 1, "next_lease": 1, "queues": [{"name": "bad name"}]}):
+                {"next_seq": 1, "next_lease": 1, "queues": [{"name": "bad name"}]},
+                *({"next_seq": 1, "next_lease": 1, "queues": [], "settled": bad_settled}
+                  for bad_settled in ("x", [["l.1", 3]], [["l.1", True]], [["l.1"]],
+                                      [["l.1", 1], ["l.1", 2]], [[1, 1]])),
+                {"next_seq": 1, "next_lease": 1, "queues": [], "other": []}):
         try:
             QueueStore.from_snapshot(bad)
         except ValueError:
