@@ -2,8 +2,8 @@
 
 Three workloads run while a nemesis injects faults one after another (kill -9 of the
 leader and of a follower, the leader frozen for 5 s, the leader cut from the majority,
-a 1|2 split, a one-way cut (the leader hears nothing), a slow and lossy network, and the whole
-cluster killed and restarted):
+a 1|2 split, a one-way cut (the leader hears nothing), a slow and lossy network, every
+Raft link 100 ms slower each way, and the whole cluster killed and restarted):
 
 - writers publish events with unique ids to random live nodes;
 - producers enqueue messages (dedup id = client id) and consumers lease and ack them,
@@ -135,6 +135,33 @@ class Nemesis:
             self.c.unslow(i)
         self.all_ready()
 
+    def delayed_network(self, ms: int = 100) -> None:
+        """Every Raft link ``ms`` slower each way for 5 s. The fault must bite: a
+        write to the leader then takes at least one delayed round trip to commit."""
+        t0 = time.monotonic()
+        for i in range(len(self.c.nodes)):
+            self.c.delay(i, ms)
+        entry = self.c.faults.entries[-1]
+        self.recovered(t0, entry)   # the links were reset: a leader again, a commit
+        leader = self.c.nodes[self.leader()]
+        samples: list[float] = []
+
+        def timed_write() -> bool | None:
+            t = time.monotonic()
+            code, _ = http_json("POST", leader.url + "/v1/events",
+                                {"type": "nemesis.delay-probe"}, timeout=10)
+            if code == 201:
+                samples.append(time.monotonic() - t)
+            return True if len(samples) >= 3 else None
+        wait_for("3 writes timed on the delayed leader", timed_write, 30, interval=0.05)
+        entry["commit_ms"] = round(sorted(samples)[1] * 1000)
+        assert entry["commit_ms"] >= 2 * ms * 0.95, \
+            f"a write committed in {entry['commit_ms']} ms over {ms} ms links"
+        wait_for("5 s of delayed network", lambda: time.monotonic() - t0 >= 5 or None, 30)
+        for i in range(len(self.c.nodes)):
+            self.c.undelay(i)
+        self.all_ready()
+
     def full_restart(self) -> None:
         t0 = time.monotonic()
         for i in range(len(self.c.nodes)):
@@ -262,7 +289,7 @@ def test_workloads_survive_a_nemesis_sequence(docker_cluster3: DockerCluster,
         plan: list[Callable[[], None]] = [
             nemesis.kill_leader, nemesis.kill_follower, nemesis.pause_leader,
             nemesis.partition_leader, nemesis.split_1_2, nemesis.leader_deaf,
-            nemesis.slow_network]
+            nemesis.slow_network, nemesis.delayed_network]
         last_round = 0.0
         for r in range(ROUNDS):
             if r == ROUNDS - 1:

@@ -10,7 +10,9 @@ Faults: ``kill`` (SIGKILL), ``stop``/``start``, ``pause``/``unpause`` (freeze),
 ``isolate``/``heal`` (network disconnect/connect: a node cut from everyone),
 ``cut``/``uncut`` (iptables inside a node with NET_ADMIN: drop traffic with chosen
 peers, both ways or one way), ``slow``/``unslow`` (tc token-bucket rate limit plus random
-loss of raft packets by iptables' statistic match: netem is not in our kernels).
+loss of raft packets by iptables' statistic match), ``delay``/``undelay`` (a fixed
+latency on every Raft connection the node opens, both ways: an iptables nat REDIRECT
+through ``flexcore.testing.delay_proxy``). tc netem is not in our kernels.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ from flexcore.cluster import ClusterObserver, http_json, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 RAFT_PORT, API_PORT, LB_PORT = 7100, 8100, 8080
+DELAY_PORT, DELAY_PIDFILE = 7199, "/tmp/fc-delay-proxy.pid"
+NODE_UID = 10001   # the image's flexcore user (docker/Dockerfile)
+# The node's own outgoing Raft connections (the delay proxy runs as root: not matched).
+_NODE_RAFT_OUT = ["-p", "tcp", "--dport", str(RAFT_PORT), "-m", "owner",
+                  "--uid-owner", str(NODE_UID)]
+_DELAY_NAT = ["OUTPUT", *_NODE_RAFT_OUT, "-j", "REDIRECT", "--to-ports", str(DELAY_PORT)]
+_DELAY_RESET = ["OUTPUT", *_NODE_RAFT_OUT, "-j", "REJECT", "--reject-with", "tcp-reset"]
 WINDMILL_PORT, WINDMILL_TOKEN, WINDMILL_WORKSPACE = 8000, "standin-token", "flexcore"
 LABEL = "flexcore.test"
 
@@ -98,6 +107,7 @@ class DockerNode:
     running: bool = False
     isolated: bool = False
     loss: float = 0.0  # raft packet loss while slowed
+    delay_ms: int = 0  # latency added by the delay proxy
     slow_entry: dict[str, Any] | None = None
 
     @property
@@ -133,7 +143,10 @@ class FaultLog:
                 f"{sorted(recov)[len(recov) // 2]:.2f} s" if recov else ""
         dropped = [e["dropped"] for e in self.entries if "dropped" in e]
         lost = f", raft packets dropped on slow links {sum(dropped)}" if dropped else ""
-        return f"{len(self.entries)} faults {kinds}{worst}{lost}"
+        slowed = sorted(e["commit_ms"] for e in self.entries if "commit_ms" in e)
+        lag = (f", writes over delayed links committed in {slowed[0]}-{slowed[-1]} ms"
+               if slowed else "")
+        return f"{len(self.entries)} faults {kinds}{worst}{lost}{lag}"
 
 
 class DockerCluster(ClusterObserver):
@@ -333,7 +346,9 @@ class DockerCluster(ClusterObserver):
 
     def start_node(self, i: int) -> None:
         self._c(i).start()
-        self.nodes[i].running = True
+        node = self.nodes[i]
+        node.running = True
+        node.delay_ms, node.loss = 0, 0.0   # a new network namespace: no rules, no proxy
 
     def pause(self, i: int) -> None:
         self._c(i).pause()
@@ -384,6 +399,38 @@ class DockerCluster(ClusterObserver):
         self._exec_root(i, ["iptables", "-F", "INPUT"])
         self._exec_root(i, ["iptables", "-F", "OUTPUT"])
         self.nodes[i].loss = 0.0  # the flush took any loss rules with it
+        if self.nodes[i].delay_ms:
+            self._exec_root(i, ["iptables", "-A", *_DELAY_RESET])
+
+    def delay(self, i: int, ms: int = 100) -> None:
+        """Add ``ms`` of latency each way to every Raft connection node ``i`` opens (a
+        round trip costs ``2 x ms`` more). PySyncObj keeps one connection per pair,
+        opened by one side, so delaying every node delays every link. Connections
+        open before the rule bypass it: they are reset and the node reconnects through
+        the proxy."""
+        node = self.nodes[i]
+        self._c(i).exec_run(["python3", "-m", "flexcore.testing.delay_proxy",
+                             "--port", str(DELAY_PORT), "--delay-ms", str(ms),
+                             "--pidfile", DELAY_PIDFILE, "--max-s", "300"],
+                            user="root", detach=True)
+        wait_for(f"the delay proxy on {node.name}",
+                 lambda: self._c(i).exec_run(["test", "-f", DELAY_PIDFILE]).exit_code == 0
+                 or None, 15, interval=0.05)
+        self._exec_root(i, ["iptables", "-t", "nat", "-A", *_DELAY_NAT])
+        self._exec_root(i, ["iptables", "-A", *_DELAY_RESET])
+        node.delay_ms = ms
+        self.faults.add("delay", node.name, ms=ms)
+
+    def undelay(self, i: int) -> None:
+        """Back to direct connections: the rules go, then the proxy, which closes the
+        connections it carried (the node reconnects directly)."""
+        node = self.nodes[i]
+        if not node.delay_ms:
+            return
+        self._exec_root(i, ["iptables", "-D", *_DELAY_RESET])
+        self._exec_root(i, ["iptables", "-t", "nat", "-D", *_DELAY_NAT])
+        self._exec_root(i, ["sh", "-c", f"kill $(cat {DELAY_PIDFILE})"])
+        node.delay_ms = 0
 
     def _loss_rules(self, loss: float) -> list[list[str]]:
         # Inbound raft packets, both on connections this node accepted (dport) and on
