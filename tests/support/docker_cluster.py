@@ -430,6 +430,10 @@ class DockerCluster(ClusterObserver):
         self._exec_root(i, ["iptables", "-D", *_DELAY_RESET])
         self._exec_root(i, ["iptables", "-t", "nat", "-D", *_DELAY_NAT])
         self._exec_root(i, ["sh", "-c", f"kill $(cat {DELAY_PIDFILE})"])
+        # Gone (pid file removed on exit) before a later delay() may start another.
+        wait_for(f"the delay proxy on {node.name} to exit",
+                 lambda: self._c(i).exec_run(["test", "-f", DELAY_PIDFILE]).exit_code != 0
+                 or None, 15, interval=0.05)
         node.delay_ms = 0
 
     def _loss_rules(self, loss: float) -> list[list[str]]:
