@@ -7,6 +7,7 @@ and all that follow it" — and only then.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -253,72 +254,78 @@ def _read_doc(filename: str) -> tuple[Any, Any, list[Any]]:
     return (tuple(doc["last"]), tuple(doc["prev"]), [])
 
 
-def _install_conf(port: int, tmp_path: Any) -> SyncObjConf:
-    conf = _conf(port)
+@contextlib.contextmanager
+def _snapshot_follower(tmp_path: Any, *, flex: bool) -> Iterator[Follower]:
+    """A hand-driven follower (stock or FlexCore) that can receive snapshots."""
+    from flexcore.raft.node import snapshot_last_entry
+    p1, p2 = free_ports(2)
+    conf = _conf(p1)
     conf.fullDumpFile = str(tmp_path / "raft.snapshot")
     conf.serializer = lambda filename, data: None
     conf.deserializer = _read_doc
-    return conf
+    self_addr, peers = f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"]
+    obj = (FlexSyncObj(self_addr, peers, conf, on_apply=lambda blob, index: None,
+                       snapshot_last=snapshot_last_entry)
+           if flex else SyncObj(self_addr, peers, conf=conf))
+    try:
+        yield Follower(obj)
+    finally:
+        incoming = obj._SyncObj__serializer._Serializer__incomingTransmissionFile
+        if incoming is not None:   # a transmission left unfinished: close its file
+            incoming.close()
+        obj.destroy()
 
 
-def _applied_follower(obj: SyncObj, upto: int) -> Follower:
-    f = Follower(obj)
+def _applied(f: Follower, upto: int) -> None:
     f.append_entries(prev=(1, 0), entries=[(i, 1) for i in range(2, upto + 1)], commit=upto)
-    obj.doTick(0)                                  # applies up to the commit index
-    assert obj.raftLastApplied == upto
-    return f
+    f.obj.doTick(0)                                # applies up to the commit index
+    assert f.obj.raftLastApplied == upto
 
 
-def _send_snapshot(f: Follower, last: tuple[int, int], commit: int) -> None:
+def _chunk(f: Follower, data: bytes, *, first: bool, last: bool, commit: int,
+           term: int = 1) -> None:
+    f.obj._SyncObj__onMessageReceived(f.leader, {
+        "type": "append_entries", "term": term, "commit_index": commit,
+        "serialized": (data, first, last)})
+
+
+def _send_snapshot(f: Follower, last: tuple[int, int], commit: int, term: int = 1,
+                   *, finish: bool = True) -> None:
+    """Stream a snapshot ending at ``last`` in two chunks (only the first with
+    ``finish=False``)."""
     doc = _snapshot_doc(last, (last[0] - 1, last[1]))
-    for chunk in ((doc, True, False), (b"", False, True)):
-        f.obj._SyncObj__onMessageReceived(f.leader, {
-            "type": "append_entries", "term": 1, "commit_index": commit, "serialized": chunk})
+    _chunk(f, doc, first=True, last=False, commit=commit, term=term)
+    if finish:
+        _chunk(f, b"", first=False, last=True, commit=commit, term=term)
 
 
 def test_stock_pysyncobj_rolls_back_on_an_old_snapshot(tmp_path: Any) -> None:
     """The hole, reproduced: an applied follower installs an older snapshot, loses the
     entries after it (which it had acknowledged) and rolls its applied index back."""
-    p1, p2 = free_ports(2)
-    obj = SyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], conf=_install_conf(p1, tmp_path))
-    try:
-        f = _applied_follower(obj, 6)
+    with _snapshot_follower(tmp_path, flex=False) as f:
+        _applied(f, 6)
         _send_snapshot(f, last=(3, 1), commit=6)
-        assert f.log == [(2, 1), (3, 1)] and obj.raftLastApplied == 3, \
+        assert f.log == [(2, 1), (3, 1)] and f.obj.raftLastApplied == 3, \
             "stock PySyncObj no longer rolls back: re-check the override"
-    finally:
-        obj.destroy()
 
 
 def test_flex_discards_a_snapshot_it_already_holds(tmp_path: Any) -> None:
-    from flexcore.raft.node import snapshot_last_entry
-    p1, p2 = free_ports(2)
-    obj = FlexSyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], _install_conf(p1, tmp_path),
-                      on_apply=lambda blob, index: None, snapshot_last=snapshot_last_entry)
-    try:
-        f = _applied_follower(obj, 6)
+    with _snapshot_follower(tmp_path, flex=True) as f:
+        _applied(f, 6)
         _send_snapshot(f, last=(3, 1), commit=6)
         assert f.log == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]
-        assert obj.raftLastApplied == 6
+        assert f.obj.raftLastApplied == 6
         assert f.replies[-1] == {"type": "next_node_idx", "next_node_idx": 4,
                                  "reset": False, "success": True}
         assert not (tmp_path / "raft.snapshot").exists()          # nothing replaced
         assert not (tmp_path / "raft.snapshot.1.tmp").exists()
-    finally:
-        obj.destroy()
 
 
 def test_flex_still_installs_a_newer_snapshot(tmp_path: Any) -> None:
-    from flexcore.raft.node import snapshot_last_entry
-    p1, p2 = free_ports(2)
-    obj = FlexSyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], _install_conf(p1, tmp_path),
-                      on_apply=lambda blob, index: None, snapshot_last=snapshot_last_entry)
-    try:
-        f = _applied_follower(obj, 3)
+    with _snapshot_follower(tmp_path, flex=True) as f:
+        _applied(f, 3)
         _send_snapshot(f, last=(9, 1), commit=9)
-        assert f.log == [(8, 1), (9, 1)] and obj.raftLastApplied == 9
-    finally:
-        obj.destroy()
+        assert f.log == [(8, 1), (9, 1)] and f.obj.raftLastApplied == 9
 
 
 def _deposed_leader_log(f: Follower) -> None:
@@ -329,54 +336,28 @@ def _deposed_leader_log(f: Follower) -> None:
     assert f.obj.raftLastApplied == 3 and f.commit_index == 3
 
 
-def _first_chunk(f: Follower, last: tuple[int, int], commit: int, term: int) -> None:
-    doc = _snapshot_doc(last, (last[0] - 1, last[1]))
-    f.obj._SyncObj__onMessageReceived(f.leader, {
-        "type": "append_entries", "term": term, "commit_index": commit,
-        "serialized": (doc, True, False)})
-
-
 def test_stock_pysyncobj_commits_a_deposed_leaders_entries_on_a_snapshot_chunk(
         tmp_path: Any) -> None:
     """The hole, reproduced: the new leader (term 2) streams a snapshot; on its first
     chunk a stock follower raises its commit index to min(leader commit, own last
     index) and applies entries 4..6 that the new leader never had."""
-    p1, p2 = free_ports(2)
-    obj = SyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], conf=_install_conf(p1, tmp_path))
-    try:
-        f = Follower(obj)
+    with _snapshot_follower(tmp_path, flex=False) as f:
         _deposed_leader_log(f)
-        _first_chunk(f, last=(20, 2), commit=20, term=2)
-        obj.doTick(0)
-        assert f.commit_index == 6 and obj.raftLastApplied == 6, \
+        _send_snapshot(f, last=(20, 2), commit=20, term=2, finish=False)
+        f.obj.doTick(0)
+        assert f.commit_index == 6 and f.obj.raftLastApplied == 6, \
             "stock PySyncObj no longer commits on a chunk: re-check the override"
-    finally:
-        incoming = obj._SyncObj__serializer._Serializer__incomingTransmissionFile
-        if incoming is not None:   # the transmission never finished: close its file
-            incoming.close()
-        obj.destroy()
 
 
 def test_flex_snapshot_chunks_do_not_commit_an_unverified_log(tmp_path: Any) -> None:
-    from flexcore.raft.node import snapshot_last_entry
-    p1, p2 = free_ports(2)
-    applied: list[int] = []
-    obj = FlexSyncObj(f"127.0.0.1:{p1}", [f"127.0.0.1:{p2}"], _install_conf(p1, tmp_path),
-                      on_apply=lambda blob, index: applied.append(index),
-                      snapshot_last=snapshot_last_entry)
-    try:
-        f = Follower(obj)
+    with _snapshot_follower(tmp_path, flex=True) as f:
         _deposed_leader_log(f)
-        _first_chunk(f, last=(20, 2), commit=20, term=2)
-        obj.doTick(0)
-        assert f.commit_index == 3 and obj.raftLastApplied == 3
-        assert obj.raftCurrentTerm == 2          # the leader/term bookkeeping still ran
+        _send_snapshot(f, last=(20, 2), commit=20, term=2, finish=False)
+        f.obj.doTick(0)
+        assert f.commit_index == 3 and f.obj.raftLastApplied == 3
+        assert f.obj.raftCurrentTerm == 2          # the leader/term bookkeeping still ran
         # The last chunk installs the snapshot; the commit index follows it.
-        f.obj._SyncObj__onMessageReceived(f.leader, {
-            "type": "append_entries", "term": 2, "commit_index": 20,
-            "serialized": (b"", False, True)})
-        obj.doTick(0)
-        assert f.log == [(19, 2), (20, 2)] and obj.raftLastApplied == 20
+        _chunk(f, b"", first=False, last=True, commit=20, term=2)
+        f.obj.doTick(0)
+        assert f.log == [(19, 2), (20, 2)] and f.obj.raftLastApplied == 20
         assert f.commit_index == 20
-    finally:
-        obj.destroy()
