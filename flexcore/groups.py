@@ -56,7 +56,7 @@ from .di import Components
 from .errors import CommandRejected, ConsensusError, FlexCoreError, NotFound, ShuttingDown
 from .events import Event, EventFeed, Subscription
 from .service import NodeServices
-from .statemachine.events import backlog_counts
+from .statemachine.events import StoredEvent, backlog_counts
 from .statemachine.groups import ConsumerGroups
 
 log = logging.getLogger("flexcore.groups")
@@ -163,11 +163,16 @@ class GroupService:
                 summary = self._store.summary(name)
                 committed = self._store.committed(name)
                 assert summary is not None and committed is not None
-                window = (self.services.machine.event_window(min(committed))[0]
-                          if committed else [])
-                taken.append((summary, committed, window))
+                taken.append((summary, committed, self._window(committed)[0]))
         return [{**summary, "lag": sum(backlog_counts(window, committed))}
                 for summary, committed, window in taken]
+
+    def _window(self, committed: list[int]) -> tuple[list[StoredEvent], bool]:
+        """Under the raft lock: a copy of the events above the lowest committed offset
+        (at most 100,000) and whether it reaches the newest."""
+        if not committed:
+            return [], True
+        return self.services.machine.event_window(min(committed))
 
     def info(self, group: str) -> dict[str, Any]:
         """Members (with their last heartbeat and partitions), per-partition owner,
@@ -177,8 +182,7 @@ class GroupService:
             if view is None:
                 raise NotFound(f"group {group} does not exist")
             committed = [a["committed"] for a in view["assignment"]]
-            window, exact = (self.services.machine.event_window(min(committed))
-                             if committed else ([], True))
+            window, exact = self._window(committed)
         lag = backlog_counts(window, committed)
         heartbeats = view.pop("heartbeats")
         view["members"] = [{"node": node, "last_heartbeat_ms": hb,

@@ -176,16 +176,6 @@ class EventLog:
         base = self._head - self.first_offset
         return self._events[base + start:base + stop + 1], stop >= self.last_offset
 
-    def backlog(self, committed: Sequence[int], max_scan: int) -> tuple[list[int], bool]:
-        """Per partition ``p`` (``len(committed)`` of them), how many retained events of
-        ``p`` have an offset above ``committed[p]``; scans at most ``max_scan`` events
-        from the lowest committed offset. Returns ``(counts, exact)``; ``exact`` is
-        False when the scan stopped early (the counts are then lower bounds)."""
-        if not committed:
-            return [], True
-        events, exact = self.window(min(committed), max_scan)
-        return backlog_counts(events, committed), exact
-
     # --- commands (validate everything, then mutate) ---------------------------------
 
     def commands(self) -> Mapping[str, Handler]:

@@ -203,16 +203,12 @@ class StateMachine:
         """
         return self._events.read(after, limit, type_glob, max_scan, partition)
 
-    def event_backlog(self, committed: list[int],
-                      max_scan: int = 100_000) -> tuple[list[int], bool]:
-        """Per-partition count of events above a group's committed offsets (lag); see
-        ``EventLog.backlog``."""
-        return self._events.backlog(committed, max_scan)
-
     def event_window(self, after: int, max_scan: int = 100_000,
                      ) -> tuple[list[StoredEvent], bool]:
         """A copy of up to ``max_scan`` events above ``after`` (immutable, readable
-        without the lock) and whether it reaches the newest; see ``EventLog.window``."""
+        without the lock) and whether it reaches the newest; see ``EventLog.window``.
+        A group's lag is ``events.backlog_counts`` over the window above its lowest
+        committed offset."""
         return self._events.window(after, max_scan)
 
     def event_stats(self) -> dict[str, int]:

@@ -1,10 +1,9 @@
 """Durable work queues: ready / delayed / leased / dead messages, per named queue.
 
 Owns the ``queue.*`` commands (enqueue, lease, ack, nack, extend, configure, purge,
-redrive)
-and the read side (``list_stats``, ``info``, ``dead``, ``wake_hint``). Pure data: time
-is the effective time the machine passes in (``ctx.now_ms``), ids come from counters
-kept in the state, so every node computes the same ids.
+redrive) and the read side (``list_stats``, ``info``, ``dead``, ``wake_hint``). Pure
+data: time is the effective time the machine passes in (``ctx.now_ms``), ids come from
+counters kept in the state, so every node computes the same ids.
 
 A message is in exactly one state:
 
@@ -23,11 +22,12 @@ A message is in exactly one state:
 
 No timer runs anywhere: time-driven moves (delayed -> ready, lease expiry) are applied
 lazily by the next command on that queue (``_promote``), using the command's effective
-time. An ack/nack/extend whose lease is not the message's current, unexpired lease is refused
-with ``lease_expired`` and changes nothing, so a late ack never acks a redelivery. The
-lease ids of the last ``MAX_SETTLED`` acks and nacks are remembered, so the refusal of
-a repeat says "lease already acked" (or nacked): a client whose first ack timed out
-learns that it committed, rather than "expired", which then means it did not.
+time. An ack/nack/extend whose lease is not the message's current, unexpired lease is
+refused with ``lease_expired`` and changes nothing, so a late ack never acks a
+redelivery. The lease ids of the last ``MAX_SETTLED`` acks and nacks are remembered,
+so the refusal of a repeat says "lease already acked" (or nacked): a client whose
+first ack timed out learns that it committed, rather than "expired", which then means
+it did not.
 
 Storage per queue: ``messages`` (id -> ``_Msg``, every live message), three heaps with
 lazy deletion — ready ``(-priority, seq)``, delayed ``(due, seq)``, leased ``(due, seq)``
@@ -89,8 +89,8 @@ _TOTALS = ("enqueued", "duplicates", "leased", "acked", "nacked", "expired",
            "dead_lettered", "redriven", "purged", "dead_dropped")
 _OPTION_KEYS = ("visibility_ms", "max_deliveries", "dedup_window_ms", "max_dead")
 _EXPIRED_ERROR = "lease expired (visibility timeout)"
-_SETTLED = {1: "acked", 2: "nacked"}
-ACKED, NACKED = 1, 2
+ACKED, NACKED = 1, 2                           # in the settled-lease memory
+_SETTLED = {ACKED: "acked", NACKED: "nacked"}
 
 
 class _Msg:
