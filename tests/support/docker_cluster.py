@@ -106,9 +106,10 @@ class DockerNode:
     paused: bool = False
     running: bool = False
     isolated: bool = False
-    loss: float = 0.0  # raft packet loss while slowed
-    delay_ms: int = 0  # latency added by the delay proxy
-    slow_entry: dict[str, Any] | None = None
+    # Network faults in force inside the container (its namespace lasts until a restart):
+    cut_rules: list[list[str]] = field(default_factory=list)  # iptables chain + rule
+    slow_entry: dict[str, Any] | None = None   # the fault-log entry of a `slow` link
+    delay_ms: int = 0                          # latency added by the delay proxy
 
     @property
     def raft(self) -> str:
@@ -348,7 +349,8 @@ class DockerCluster(ClusterObserver):
         self._c(i).start()
         node = self.nodes[i]
         node.running = True
-        node.delay_ms, node.loss = 0, 0.0   # a new network namespace: no rules, no proxy
+        # A new network namespace: no rules, no qdisc, no proxy.
+        node.cut_rules, node.slow_entry, node.delay_ms = [], None, 0
 
     def pause(self, i: int) -> None:
         self._c(i).pause()
@@ -389,18 +391,22 @@ class DockerCluster(ClusterObserver):
         for j in peers:
             ip = self.nodes[j].ip
             if direction in ("both", "in"):
-                self._exec_root(i, ["iptables", "-A", "INPUT", "-s", ip, "-j", "DROP"])
+                self._add_cut_rule(i, ["INPUT", "-s", ip, "-j", "DROP"])
             if direction in ("both", "out"):
-                self._exec_root(i, ["iptables", "-A", "OUTPUT", "-d", ip, "-j", "DROP"])
+                self._add_cut_rule(i, ["OUTPUT", "-d", ip, "-j", "DROP"])
         self.faults.add("cut" if direction == "both" else f"cut-{direction}",
                         self.nodes[i].name, peers=[self.nodes[j].name for j in peers])
 
+    def _add_cut_rule(self, i: int, rule: list[str]) -> None:
+        self._exec_root(i, ["iptables", "-A", *rule])
+        self.nodes[i].cut_rules.append(rule)
+
     def uncut(self, i: int) -> None:
-        self._exec_root(i, ["iptables", "-F", "INPUT"])
-        self._exec_root(i, ["iptables", "-F", "OUTPUT"])
-        self.nodes[i].loss = 0.0  # the flush took any loss rules with it
-        if self.nodes[i].delay_ms:
-            self._exec_root(i, ["iptables", "-A", *_DELAY_RESET])
+        """Remove exactly the rules `cut` added (a slow or delayed link stays)."""
+        node = self.nodes[i]
+        for rule in node.cut_rules:
+            self._exec_root(i, ["iptables", "-D", *rule])
+        node.cut_rules = []
 
     def delay(self, i: int, ms: int = 100) -> None:
         """Add ``ms`` of latency each way to every Raft connection node ``i`` opens (a
@@ -436,12 +442,13 @@ class DockerCluster(ClusterObserver):
                  or None, 15, interval=0.05)
         node.delay_ms = 0
 
-    def _loss_rules(self, loss: float) -> list[list[str]]:
+    @staticmethod
+    def _loss_rules(loss: float) -> list[list[str]]:
         # Inbound raft packets, both on connections this node accepted (dport) and on
         # those it opened (sport): the API stays clean so the checker is unaffected.
-        return [["INPUT", "-p", "tcp", "--dport" if d == "d" else "--sport", str(RAFT_PORT),
-                 "-m", "statistic", "--mode", "random", "--probability", f"{loss:g}",
-                 "-j", "DROP"] for d in ("d", "s")]
+        return [["INPUT", "-p", "tcp", port, str(RAFT_PORT), "-m", "statistic", "--mode",
+                 "random", "--probability", f"{loss:g}", "-j", "DROP"]
+                for port in ("--dport", "--sport")]
 
     def slow(self, i: int, rate: str = "512kbit", latency_ms: int = 300,
              loss: float = 0.1) -> None:
@@ -451,25 +458,23 @@ class DockerCluster(ClusterObserver):
         fixed delay, is not in this kernel; tbf and iptables' statistic match are."""
         self._exec_root(i, ["tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
                             "rate", rate, "burst", "16kbit", "latency", f"{latency_ms}ms"])
-        node = self.nodes[i]
-        node.loss = loss
         for rule in self._loss_rules(loss):
             self._exec_root(i, ["iptables", "-I", *rule])
-        node.slow_entry = self.faults.add("slow", node.name, rate=rate, loss=loss)
+        self.nodes[i].slow_entry = self.faults.add("slow", self.nodes[i].name, rate=rate,
+                                                   loss=loss)
 
     def unslow(self, i: int) -> None:
         """Heal a `slow` link; its fault entry gets ``dropped``: the raft packets lost."""
         self._exec_root(i, ["tc", "qdisc", "del", "dev", "eth0", "root"])
-        node = self.nodes[i]
-        if node.loss:
-            listing = self._exec_root(i, ["iptables", "-L", "INPUT", "-v", "-x", "-n"])
-            dropped = sum(int(line.split()[0]) for line in listing.splitlines()
-                          if "statistic" in line)
-            if node.slow_entry is not None:
-                node.slow_entry["dropped"] = dropped
-            for rule in self._loss_rules(node.loss):
-                self._exec_root(i, ["iptables", "-D", *rule])
-            node.loss, node.slow_entry = 0.0, None
+        entry = self.nodes[i].slow_entry
+        if entry is None:
+            return
+        listing = self._exec_root(i, ["iptables", "-L", "INPUT", "-v", "-x", "-n"])
+        entry["dropped"] = sum(int(line.split()[0]) for line in listing.splitlines()
+                               if "statistic" in line)
+        for rule in self._loss_rules(entry["loss"]):
+            self._exec_root(i, ["iptables", "-D", *rule])
+        self.nodes[i].slow_entry = None
 
     # -- observing helpers on top of ClusterObserver -----------------------------------
 
