@@ -257,22 +257,11 @@ def _check_timer(cluster: DockerCluster) -> str:
 
 
 def _finish_queue(cluster: DockerCluster, queue: QueueWorkload) -> str:
-    last: dict[str, Any] = {}
     total = queue.finish_producing()
-
-    def drained() -> bool | None:
-        queue.raise_if_broken()
-        live = cluster.live()
-        code, body = http_json("GET", f"{live[0].url}/v1/queues/{QUEUE}", timeout=10)
-        last["state"] = body
-        done = (code == 200 and body["totals"]["acked"] == total
-                and (body["ready"], body["leased"], body["delayed"]) == (0, 0, 0))
-        return True if done and queue.history.crashed_settled() else None
     try:
-        wait_for("every message acked and every crashed lease re-acked", drained, 150)
+        wait_for("every message acked and every crashed lease re-acked", queue.drained, 150)
     except TimeoutError as exc:
-        raise AssertionError(f"{exc}; workload: {queue.progress()}; queue state on "
-                             f"{cluster.live()[0].name}: {last.get('state')}") from None
+        raise AssertionError(f"{exc}; workload: {queue.progress()}") from None
     queue.stop()
     states = [queue_state(n.url, QUEUE) for n in cluster.nodes]
     return str(check(queue.history, total, states, int(VISIBILITY_S * 1000)))

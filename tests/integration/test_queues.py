@@ -40,16 +40,7 @@ def test_queue_2000_messages_leader_killed_twice(cluster3: LocalCluster) -> None
         wait_for("1200 acked messages", lambda: h.ok_acks() >= 1200 or None, 60)
         failovers.append(_kill_leader_and_restart(cluster3))
 
-        def drained() -> bool | None:
-            load.raise_if_broken()
-            if not load.producers_done:
-                return None
-            live = cluster3.live()
-            code, body = http_json("GET", f"{live[0].url}/v1/queues/{QUEUE}", timeout=5)
-            done = (code == 200 and body["totals"]["acked"] == TOTAL
-                    and body["ready"] + body["leased"] + body["delayed"] == 0)
-            return True if done and h.crashed_settled() else None
-        wait_for("every message acked and every crashed lease re-acked", drained, 90)
+        wait_for("every message acked and every crashed lease re-acked", load.drained, 90)
     states = [queue_state(n.url, QUEUE) for n in cluster3.nodes]
     figures = check(load.history, TOTAL, states, int(VISIBILITY_S * 1000))
     elapsed = time.monotonic() - t_start

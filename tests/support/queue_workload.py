@@ -85,6 +85,7 @@ class QueueWorkload:
         self.batch = batch
         self.pace_s = pace_s
         self.history = QueueHistory()
+        self.last_state: Any = None   # the queue as `drained` last saw it
         self._stop = threading.Event()
         self._finish = threading.Event()
         self._producers = [threading.Thread(target=self._guarded, args=(self._produce, p,
@@ -126,7 +127,22 @@ class QueueWorkload:
             return (f"enqueued {len(h.enqueued)}/{self.total}, ok acks {len(h.ok_lease)}, "
                     f"producers done {self.producers_done}, crashed leases "
                     f"{h.stale_rejected + len(h.stale_accepted)}/{h.crashed_total} answered, "
-                    f"lease errors {dict(h.lease_errors)}, ack errors {dict(h.ack_errors)}")
+                    f"lease errors {dict(h.lease_errors)}, ack errors {dict(h.ack_errors)}, "
+                    f"queue last seen {self.last_state}")
+
+    def drained(self) -> bool | None:
+        """For `wait_for`: True once the producers are done, every enqueued message is
+        acked with nothing left (as the first live node sees it) and every crashed
+        lease was acked again; raises at once if a workload thread died."""
+        self.raise_if_broken()
+        if not self.producers_done:
+            return None
+        url = self.cluster.live()[0].url
+        code, body = http_json("GET", f"{url}/v1/queues/{self.queue}", timeout=10)
+        self.last_state = body
+        done = (code == 200 and body["totals"]["acked"] == self.total
+                and (body["ready"], body["leased"], body["delayed"]) == (0, 0, 0))
+        return True if done and self.history.crashed_settled() else None
 
     @property
     def producers_done(self) -> bool:
@@ -288,6 +304,7 @@ def check(history: QueueHistory, total: int, states: list[dict[str, Any]],
           visibility_ms: int) -> dict[str, int]:
     """Assert the invariants; return the figures worth printing."""
     h = history
+    assert not h.thread_errors, f"queue workload threads died: {h.thread_errors}"
     # Every enqueue acknowledged, once: the dedup id mapped retries to one message.
     assert len(h.enqueued) == total
     assert len(set(h.enqueued.values())) == total, "two client ids share a message id"
