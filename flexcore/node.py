@@ -191,6 +191,21 @@ def setup_logging(level: str) -> None:
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per job run
 
 
+def exposure_warnings(settings: Settings, api_host: str) -> list[str]:
+    """What an operator should hear at start-up about an open door (README: Security)."""
+    out: list[str] = []
+    others = [p for p in settings.peers if p != settings.self_addr]
+    if others and not settings.secret:
+        out.append("no --secret: anyone who can reach the Raft port "
+                   f"{settings.self_addr} can disrupt the cluster; set --secret "
+                   "(FLEXCORE_SECRET) unless that port is on a private network")
+    loopback = api_host.strip("[]") in ("127.0.0.1", "::1", "localhost")
+    if not loopback and not settings.api_token:
+        out.append(f"no --api-token: the API on {settings.api} accepts writes from anyone "
+                   "who can reach it; set --api-token (FLEXCORE_API_TOKEN)")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
@@ -205,17 +220,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def exposure_warnings(settings: Settings, api_host: str) -> list[str]:
-    """What an operator should hear at start-up about an open door (README: Security)."""
-    out: list[str] = []
-    others = [p for p in settings.peers if p != settings.self_addr]
-    if others and not settings.secret:
-        out.append("no --secret: anyone who can reach the Raft port "
-                   f"{settings.self_addr} can disrupt the cluster; set --secret "
-                   "(FLEXCORE_SECRET) unless that port is on a private network")
-    loopback = api_host.strip("[]") in ("127.0.0.1", "::1", "localhost")
-    if not loopback and not settings.api_token:
-        out.append(f"no --api-token: the API on {settings.api} accepts writes from anyone "
-                   "who can reach it; set --api-token (FLEXCORE_API_TOKEN)")
-    return out

@@ -69,7 +69,7 @@ class BatchReceiver:
                 "duplicates": sum(d.duplicate for d in self.deliveries),
                 "rows": sum(len(rows) for rows in self.accepted.values())}
             if request.query.get("rows") == "true":
-                body["accepted"] = [row for rows in self.accepted.values() for row in rows]
+                body["accepted"] = self._rows()
         return web.json_response(body)
 
     def app(self) -> web.Application:
@@ -81,7 +81,10 @@ class BatchReceiver:
     def rows(self) -> list[dict[str, Any]]:
         """Every accepted (deduplicated) row."""
         with self._lock:
-            return [row for rows in self.accepted.values() for row in rows]
+            return self._rows()
+
+    def _rows(self) -> list[dict[str, Any]]:   # the lock held
+        return [row for rows in self.accepted.values() for row in rows]
 
     def count(self) -> int:
         with self._lock:
